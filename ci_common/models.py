@@ -1,0 +1,124 @@
+"""Domain models returned by every repository implementation.
+
+Frozen dataclasses: they are values, passed between layers, never mutated in place.
+All timestamps are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the only clock the models use)."""
+    return datetime.now(UTC)
+
+
+class JobStatus(enum.StrEnum):
+    """Lifecycle of a job: queued → running → one of the three terminal states."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"  # the tests ran; `success` says whether they passed
+    FAILED = "failed"  # the tests could not run (install failed, timeout, OOM, lost container…)
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class EventKind(enum.StrEnum):
+    """What a job event carries."""
+
+    STATUS = "status"  # text is the new JobStatus value (queued, running)
+    OUTPUT = "output"  # text is a chunk of the job's output (stdout or stderr)
+    END = "end"  # the terminal event: text is JobOutcome as JSON (see ci_common.wire)
+
+
+class OutputStream(enum.StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str  # UUID4 as text
+    name: str
+    email: str
+    is_active: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key's metadata. Never holds the key itself; the hash only where auth needs it."""
+
+    id: str  # UUID4 as text
+    user_id: str
+    user_email: str
+    name: str
+    prefix: str  # the first characters of the key, shown to operators to tell keys apart
+    is_active: bool
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """What authentication needs to check a presented key: its hash, and its owner's state."""
+
+    key: ApiKey
+    key_hash: str  # hex SHA-256 of the full key
+    user: User
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str  # UUID4 as text
+    user_id: str
+    status: JobStatus
+    created_at: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+    exit_code: int | None
+    success: bool | None  # None until the job is terminal
+    reason: str | None  # why a job did not run normally (failed, cancelled); None otherwise
+    timeout_seconds: float | None  # per-job limit asked for at submit; None = the setting
+    archive_size: int  # bytes of the uploaded zip
+    controller_id: str | None  # the controller that claimed it; None while unclaimed
+    container_id: str | None  # set once the container has been started
+    cancel_requested: bool
+    log_cursor: int  # last runner frame number stored as output (crash-safe resume point)
+    output_bytes: int  # bytes of output currently stored
+    dropped_bytes: int  # bytes of output dropped by the log cap (the head is dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    job_id: str
+    seq: int  # per-job sequence number, 1-based, strictly increasing (gaps where the cap dropped)
+    kind: EventKind
+    text: str
+    stream: OutputStream | None  # set for OUTPUT events only
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """Output as the controller hands it to the repository: one stream's text, in order."""
+
+    stream: OutputStream
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How a job ended; recorded on the job row and carried by its END event."""
+
+    status: JobStatus
+    exit_code: int | None
+    success: bool
+    reason: str | None

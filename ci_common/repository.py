@@ -1,0 +1,159 @@
+"""The repository: the one seam between the services and their database.
+
+Implementations: `ci_persistence.sqlite.SqliteRepository` (the embedded default, shared by
+several processes through one file) and `ci_persistence.memory.InMemoryRepository` (unit tests).
+A PostgreSQL implementation slots in behind the same Protocol; notes on each method say what it
+must guarantee, and `tests/unit/test_repository_contract.py` checks every implementation.
+
+Methods return models from `ci_common.models` and raise errors from `ci_common.errors`.
+Every method is one transaction: it either happens completely or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from ci_common.models import ApiKey, Job, JobEvent, JobOutcome, OutputChunk, StoredKey, User
+
+
+class Repository(Protocol):
+    """Users, API keys, jobs, their uploaded archives and their events."""
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    def change_token(self) -> int:
+        """A cheap value that differs after any other client committed a change.
+
+        Pollers (the controller's wake-up, the server's relay) call it every few milliseconds
+        and do real queries only when it moved. SQLite: PRAGMA data_version (plus a local
+        counter for this connection's own writes); PostgreSQL would use LISTEN/NOTIFY.
+        """
+
+    # ----------------------------------------------------------------- users
+    def create_user(self, name: str, email: str) -> User:
+        """Create an active user. Raises AlreadyExists when the email is taken (case-insensitive)."""
+
+    def get_user(self, user_id: str) -> User:
+        """Raises NotFound."""
+
+    def get_user_by_email(self, email: str) -> User:
+        """Case-insensitive. Raises NotFound."""
+
+    def list_users(self) -> list[User]:
+        """All users, oldest first."""
+
+    def set_user_active(self, user_id: str, active: bool) -> User:
+        """Activate or deactivate; takes effect on the next authentication. Raises NotFound."""
+
+    # ----------------------------------------------------------------- API keys
+    def create_api_key(self, user_id: str, name: str, key_hash: str, prefix: str) -> ApiKey:
+        """Store a new key's hash and display prefix (never the key). Raises NotFound (user)."""
+
+    def list_api_keys(self, user_id: str | None = None) -> list[ApiKey]:
+        """Keys of one user, or of everyone when user_id is None; oldest first."""
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Deactivate a key; refused on the next request. Raises NotFound."""
+
+    def find_keys_by_prefix(self, prefix: str) -> list[StoredKey]:
+        """Candidate keys for authentication (active or not), with their owner.
+
+        The caller compares hashes in constant time and decides; see ci_common.keys.
+        """
+
+    def touch_api_key(self, key_id: str, when: datetime) -> None:
+        """Record a successful use (last_used_at). Unknown ids are ignored."""
+
+    # ----------------------------------------------------------------- jobs (server side)
+    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None) -> Job:
+        """Store the archive and a queued job, and append its first STATUS event (seq 1), atomically.
+
+        After it returns, any replica and any controller can read the job and its archive.
+        """
+
+    def get_job(self, job_id: str, user_id: str | None = None) -> Job:
+        """One job. With user_id, a job of another user raises NotFound exactly like a missing one."""
+
+    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
+        """The user's jobs, newest first (created_at, then id, descending)."""
+
+    def count_jobs(self, user_id: str) -> int:
+        """How many jobs the user has (for pagination)."""
+
+    def request_cancel(self, job_id: str, user_id: str) -> Job:
+        """Ask for a job to be cancelled. Atomic with respect to claiming:
+
+        - queued and unclaimed: becomes CANCELLED at once (reason "cancelled by user"), with its
+          END event, and will never be claimed;
+        - claimed or running: cancel_requested is set; the owning controller stops it;
+        - terminal: nothing changes.
+        Returns the job as it is afterwards. Raises NotFound (missing or another user's job).
+        """
+
+    def get_archive(self, job_id: str) -> bytes:
+        """The uploaded zip. Raises NotFound."""
+
+    # ----------------------------------------------------------------- jobs (controller side)
+    def claim_next_job(self, controller_id: str) -> Job | None:
+        """Atomically claim one queued, unclaimed, not-cancelled job for this controller.
+
+        Two controllers (or two threads) never claim the same job. Fair between users: picks
+        from the user with the fewest claimed-but-unfinished jobs, then the oldest job. The job
+        stays QUEUED (claimed) until mark_running. None when nothing is waiting.
+        """
+
+    def mark_running(self, job_id: str, container_id: str, start_time: datetime) -> Job:
+        """Record the started container: status RUNNING, start_time, and a STATUS event.
+
+        Idempotent: calling it again for a running job only updates container_id.
+        """
+
+    def release_job(self, job_id: str) -> Job:
+        """Give a claimed job that never started back to the queue (controller_id cleared)."""
+
+    def append_output(
+        self,
+        job_id: str,
+        chunks: Sequence[OutputChunk],
+        log_cursor: int,
+        keep_bytes: int | None = None,
+    ) -> list[JobEvent]:
+        """Append OUTPUT events in order and move the job's log_cursor, atomically.
+
+        The cursor is the controller's resume point: after a crash it re-reads the container's
+        output and skips what the cursor says is stored, so no line is lost or repeated.
+        With keep_bytes, once the stored output exceeds it, the oldest OUTPUT events are dropped
+        (the tail is kept: that is where errors are), and the oldest kept position holds one
+        marker event saying how many bytes were dropped; dropped_bytes grows accordingly.
+        Ignored (returns []) when the job is already terminal. Returns the new events.
+        """
+
+    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime) -> Job:
+        """Record the outcome and append the END event, atomically and once.
+
+        A job that is already terminal is returned unchanged (first outcome wins).
+        """
+
+    def list_controller_jobs(self, controller_id: str) -> list[Job]:
+        """Claimed or running, not yet terminal jobs owned by this controller."""
+
+    def count_queued_jobs(self) -> int:
+        """Queued jobs that no controller has claimed yet."""
+
+    # ----------------------------------------------------------------- events (relay)
+    def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """A job's events with seq > after_seq, in order."""
+
+    def last_event_seq(self, job_id: str) -> int:
+        """The seq of the job's latest event (0 if none): the position "from now"."""
+
+    def poll_events(self, cursor: int | None) -> tuple[list[JobEvent], int]:
+        """Events committed after `cursor` across all jobs, in commit order, and the new cursor.
+
+        `cursor=None` returns no events and the current cursor (start "from now"). This is the
+        one query a server replica's relay runs, whatever the number of connected clients.
+        """

@@ -1,0 +1,104 @@
+"""Settings of the server, controller and admin CLI: one frozen object built from `CI_*` variables.
+
+Entry points call `Settings.from_env()` once and pass the object down; library code never reads
+`os.environ`. Every variable is listed in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ci_common.errors import InvalidInput
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
+               "gb": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as `50MB`, `512k` or `1048576` (units are powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise InvalidInput(f"not a size: {text!r} (use e.g. 50MB, 512k or a number of bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_size(num_bytes: int) -> str:
+    """Format a byte count for people: `50.0 MB`, `812 B`."""
+    value = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, with its environment variable in `metadata['env']`."""
+
+    db_path: str = field(default="ci_jobs.db", metadata={"env": "CI_DB_PATH"})
+
+    # --- controller: which engine image, and how it runs jobs ---
+    runner_image: str = field(default="python:3.12-slim", metadata={"env": "CI_RUNNER_IMAGE"})
+    ca_bundle: str | None = field(default=None, metadata={"env": "CI_CA_BUNDLE"})
+    container_prefix: str = field(default="ci_job_", metadata={"env": "CI_CONTAINER_PREFIX"})
+    controller_id: str = field(default_factory=socket.gethostname,
+                               metadata={"env": "CI_CONTROLLER_ID"})
+    reconcile_interval_s: float = field(default=2.0, metadata={"env": "CI_RECONCILE_INTERVAL"})
+    max_concurrent_jobs: int = field(default=4, metadata={"env": "CI_MAX_CONCURRENT_JOBS"})
+    job_timeout_s: float = field(default=3600.0, metadata={"env": "CI_JOB_TIMEOUT"})
+    job_memory_bytes: int = field(default=2 * 1024**3, metadata={"env": "CI_JOB_MEMORY"})
+    job_pids_limit: int = field(default=512, metadata={"env": "CI_JOB_PIDS"})
+    job_cpus: float = field(default=1.0, metadata={"env": "CI_JOB_CPUS"})
+    log_limit_bytes: int = field(default=10 * 1024**2, metadata={"env": "CI_LOG_LIMIT"})
+    cancel_grace_s: float = field(default=10.0, metadata={"env": "CI_CANCEL_GRACE"})
+
+    # --- server: what it accepts ---
+    max_upload_bytes: int = field(default=50 * 1024**2, metadata={"env": "CI_MAX_UPLOAD"})
+    max_unpacked_bytes: int = field(default=500 * 1024**2, metadata={"env": "CI_MAX_UNPACKED"})
+    max_archive_entries: int = field(default=10_000, metadata={"env": "CI_MAX_ENTRIES"})
+    auth_failures_per_minute: int = field(default=30,
+                                          metadata={"env": "CI_AUTH_FAILURES_PER_MINUTE"})
+    sse_keepalive_s: float = field(default=15.0, metadata={"env": "CI_SSE_KEEPALIVE"})
+    # How often the one relay task per replica (and the controller) looks for new rows; a read
+    # of SQLite's data_version costs microseconds, so a few ms keeps line latency low.
+    event_poll_interval_s: float = field(default=0.005, metadata={"env": "CI_EVENT_POLL_INTERVAL"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `CI_*` variables (default: os.environ), then apply overrides.
+
+        Overrides whose value is None are ignored, so CLI options can be passed straight in.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, f.type, raw, f.metadata["env"])
+        settings = cls(**values)
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Setting name → environment variable, for documentation and tests."""
+        return {f.name: f.metadata["env"] for f in fields(cls)}
+
+
+def _convert(name: str, type_name: Any, raw: str, env_name: str) -> Any:
+    try:
+        if name.endswith("_bytes"):
+            return parse_size(raw)
+        if type_name in ("int",):
+            return int(raw)
+        if type_name in ("float",):
+            return float(raw)
+        return raw
+    except (ValueError, InvalidInput) as exc:
+        raise InvalidInput(f"{env_name}={raw!r} is not valid for {name}") from exc
