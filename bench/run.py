@@ -1,0 +1,135 @@
+"""Speed of the main path against a fresh local deployment; prints numbers, asserts nothing.
+
+    .venv/bin/python bench/run.py [--runs 5]
+
+1. submit → first test-output line at the client, and submit → exit, for examples/calculator;
+   the same `pip install -r requirements.txt && python -m pytest -v` with a plain `docker run`,
+   measured in the same run, and the ratio between the two (target ≤ 1.10).
+2. Line latency from the container's print to the client (p50, p95, max; targets ≤ 10 ms and
+   ≤ 100 ms) for a test that prints a timestamp every 100 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.e2e.harness import Deployment, write_project  # noqa: E402
+
+EXAMPLE = REPO_ROOT / "examples" / "calculator"
+CA_IN_CONTAINER = "/etc/ci/ca-bundle.crt"
+TIMESTAMP_TEST = (
+    "import time\n"
+    "def test_ticks():\n"
+    "    for _ in range({count}):\n"
+    "        print(f'tick {{time.time():.6f}}', flush=True)\n"
+    "        time.sleep(0.1)\n"
+)
+
+
+def timed_submit(dep: Deployment, project: Path, key: str) -> tuple[float, float]:
+    """(seconds to the first pytest line on stdout, seconds to exit) of `ci submit test`."""
+    started = time.perf_counter()
+    proc = dep.ci_popen("submit", "test", cwd=project, server=dep.processes[-1], api_key=key)
+    assert proc.stdout is not None
+    first_line = None
+    for _line in proc.stdout:
+        if first_line is None:
+            first_line = time.perf_counter() - started
+    proc.wait()
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"bench job failed: {proc.stderr.read() if proc.stderr else ''}")
+    return first_line or total, total
+
+
+def timed_docker_run(image: str, project: Path, ca_bundle: str | None) -> float:
+    """The same work with a bare `docker run`: what a user would do by hand."""
+    argv = ["docker", "run", "--rm", "-v", f"{project}:/src:ro", "-e", "PYTHONUNBUFFERED=1",
+            "-e", "PIP_BREAK_SYSTEM_PACKAGES=1", "-e", "PIP_ROOT_USER_ACTION=ignore",
+            "-e", "PIP_DISABLE_PIP_VERSION_CHECK=1"]
+    if ca_bundle:
+        argv += ["-v", f"{ca_bundle}:{CA_IN_CONTAINER}:ro", "-e", f"PIP_CERT={CA_IN_CONTAINER}"]
+    argv += [image, "sh", "-c",
+             "cp -r /src /work && cd /work && pip install -q -r requirements.txt && "
+             "python -m pytest -v -p no:cacheprovider"]
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def line_latencies(dep: Deployment, project: Path, key: str) -> list[float]:
+    """Milliseconds from each `tick <time>` print in the container to its arrival here."""
+    proc = dep.ci_popen("submit", "test", cwd=project, server=dep.processes[-1], api_key=key)
+    assert proc.stdout is not None
+    latencies = []
+    for line in proc.stdout:
+        arrived = time.time()
+        if line.startswith("tick "):
+            latencies.append((arrived - float(line.split()[1])) * 1000)
+    proc.wait()
+    return latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--ticks", type=int, default=100)
+    args = parser.parse_args()
+
+    image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
+                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    ca_bundle = ssl.get_default_verify_paths().cafile
+    workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
+    dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle)
+    try:
+        dep.start_controller()
+        dep.start_server()
+        key = dep.create_user("bench@example.com").api_key
+        project = workdir / "calculator"
+        shutil.copytree(EXAMPLE, project)
+        ticks = write_project(workdir / "ticks",
+                              {"test_ticks.py": TIMESTAMP_TEST.format(count=args.ticks)})
+
+        timed_submit(dep, project, key)  # warm-up: page cache, pip's index metadata
+        timed_docker_run(image, project, ca_bundle)
+        first_lines, totals, baselines = [], [], []
+        for _ in range(args.runs):  # interleaved, so drift hits both sides alike
+            first, total = timed_submit(dep, project, key)
+            first_lines.append(first)
+            totals.append(total)
+            baselines.append(timed_docker_run(image, project, ca_bundle))
+
+        latencies = line_latencies(dep, ticks, key)
+    finally:
+        dep.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    ours, theirs = statistics.median(totals), statistics.median(baselines)
+    print(f"runs: {args.runs} (medians); image: {image}")
+    print(f"submit → first test-output line:   {statistics.median(first_lines):6.2f} s")
+    print(f"submit → exit (ci submit test):     {ours:6.2f} s")
+    print(f"docker run baseline (same work):    {theirs:6.2f} s")
+    print(f"ratio ci / docker run:              {ours / theirs:6.3f}   (target ≤ 1.10)")
+    print(f"line latency over {len(latencies)} lines: p50 {percentile(latencies, 0.5):.1f} ms, "
+          f"p95 {percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms   "
+          f"(targets p50 ≤ 10 ms, max ≤ 100 ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Fixtures for end-to-end tests: the runner image, the CA bundle, and isolated deployments."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import REPO_ROOT, Deployment
+
+
+@pytest.fixture(scope="session")
+def runner_image() -> str:
+    """The runner image, provisioned by the project's own script (idempotent, fast when warm)."""
+    result = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"scripts/ensure-docker failed:\n{result.stderr[-2000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def ca_bundle() -> str | None:
+    return os.environ.get("CI_CA_BUNDLE") or ssl.get_default_verify_paths().cafile
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, runner_image: str, ca_bundle: str | None) -> Iterator[Deployment]:
+    """A fresh deployment (nothing started yet); everything it starts is torn down after."""
+    dep = Deployment(workdir=tmp_path, runner_image=runner_image, ca_bundle=ca_bundle)
+    try:
+        yield dep
+    finally:
+        dep.close()

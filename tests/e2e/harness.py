@@ -1,0 +1,252 @@
+"""Real deployments for end-to-end tests: server and controller processes on free ports.
+
+Each `Deployment` owns a temp database, a unique controller id and container prefix, and the
+processes it started; `close()` kills them and removes every container labelled with its
+controller id, so tests running in parallel (pytest -n auto) never see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KEY_PATTERN = re.compile(r"ci_[A-Za-z0-9_-]{32,}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    """A service process and the file its output goes to."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    url: str | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@dataclass
+class User:
+    email: str
+    api_key: str
+
+
+@dataclass
+class Deployment:
+    """One isolated CI deployment: a database, controllers and server replicas."""
+
+    workdir: Path
+    runner_image: str
+    ca_bundle: str | None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "ci_jobs.db"
+
+    @property
+    def controller_id(self) -> str:
+        return f"test-{self.run_id}"
+
+    @property
+    def container_prefix(self) -> str:
+        return f"ci_test_{self.run_id}_"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            CI_DB_PATH=str(self.db_path),
+            CI_RUNNER_IMAGE=self.runner_image,
+            CI_CONTROLLER_ID=self.controller_id,
+            CI_CONTAINER_PREFIX=self.container_prefix,
+            CI_RECONCILE_INTERVAL="1.0",
+            PYTHONUNBUFFERED="1",
+        )
+        if self.ca_bundle:
+            env["CI_CA_BUNDLE"] = self.ca_bundle
+        env.pop("CI_API_KEY", None)
+        env.pop("CI_SERVER_URL", None)
+        env.update(self.extra_env)
+        env.update(overrides)
+        return env
+
+    # ------------------------------------------------------------------ services
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
+        log_path = self.workdir / f"{name}-{len(self.processes)}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - the child keeps it open
+        popen = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                 cwd=self.workdir, start_new_session=True)
+        log_file.close()
+        process = Process(name=name, popen=popen, log_path=log_path)
+        self.processes.append(process)
+        return process
+
+    def start_server(self, port: int | None = None, **env: str) -> Process:
+        port = port or free_port()
+        argv = [sys.executable, "-m", "uvicorn", "ci_server.app:app", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning"]
+        process = self._spawn("server", argv, self.env(**env))
+        process.url = f"http://127.0.0.1:{port}"
+        wait_for_health(process)
+        return process
+
+    def start_controller(self, **env: str) -> Process:
+        process = self._spawn("controller", [sys.executable, "-m", "ci_controller"],
+                              self.env(**env))
+        time.sleep(0.3)
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"controller exited at start:\n{process.log()}")
+        return process
+
+    # ------------------------------------------------------------------ CLIs
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "ci_admin", *args], env=self.env(),
+                                capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"ci-admin {args} failed: {result.stderr}")
+        return result
+
+    def create_user(self, email: str | None = None) -> User:
+        email = email or f"user-{uuid.uuid4().hex[:8]}@example.com"
+        self.admin("user", "create", "--name", email.split("@")[0], "--email", email)
+        out = self.admin("key", "create", "--email", email, "--name", "test").stdout
+        match = KEY_PATTERN.search(out)
+        assert match, out
+        return User(email=email, api_key=match.group(0))
+
+    def ci_argv(self, *args: str, server: str | Process | None = None,
+                api_key: str | None = None) -> list[str]:
+        argv = [sys.executable, "-c", "from ci_client.cli import main; main()"]
+        if server is not None:
+            argv += ["--server", server.url if isinstance(server, Process) else server]
+        if api_key is not None:
+            argv += ["--api-key", api_key]
+        return argv + list(args)
+
+    def ci(self, *args: str, cwd: Path | None = None, server: str | Process | None = None,
+           api_key: str | None = None, timeout: float = 180,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `ci` to completion and return its result (stdout, stderr, returncode)."""
+        return subprocess.run(self.ci_argv(*args, server=server, api_key=api_key),
+                              cwd=cwd or self.workdir, env={**self.env(), **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def ci_popen(self, *args: str, cwd: Path | None = None, server: str | Process | None = None,
+                 api_key: str | None = None) -> subprocess.Popen[str]:
+        """Start `ci` in the background (for Ctrl-C tests and live streams)."""
+        return subprocess.Popen(self.ci_argv(*args, server=server, api_key=api_key),
+                                cwd=cwd or self.workdir, env=self.env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # ------------------------------------------------------------------ teardown
+    def containers(self) -> list[docker.models.containers.Container]:
+        client = docker.from_env()
+        try:
+            return client.containers.list(
+                all=True, filters={"label": f"ci.controller_id={self.controller_id}"})
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.kill9()
+        client = docker.from_env()
+        try:
+            for container in client.containers.list(
+                    all=True, filters={"label": f"ci.controller_id={self.controller_id}"}):
+                container.remove(force=True)
+        finally:
+            client.close()
+
+
+def wait_for_health(process: Process, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited at start:\n{process.log()}")
+        try:
+            if httpx.get(f"{process.url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{process.name} did not become healthy:\n{process.log()}")
+
+
+# ---------------------------------------------------------------------- projects
+def write_project(root: Path, tests: dict[str, str], requirements: str = "pytest\n",
+                  src: dict[str, str] | None = None) -> Path:
+    """Write a project (src/, tests/, requirements.txt) and return its root."""
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    (root / "tests").mkdir(parents=True, exist_ok=True)
+    (root / "requirements.txt").write_text(requirements)
+    for name, text in (src or {"app.py": "VALUE = 1\n"}).items():
+        (root / "src" / name).write_text(text)
+    for name, text in tests.items():
+        (root / "tests" / name).write_text(text)
+    return root
+
+
+def zip_project(root: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(root).as_posix())
+    return buffer.getvalue()
+
+
+PASSING_TEST = "def test_ok():\n    assert 1 + 1 == 2\n"
+FAILING_TEST = "def test_broken():\n    assert 1 + 1 == 3\n"
+SYNTAX_ERROR_TEST = "def test_broken(:\n    pass\n"
+
+
+def numbered_lines_test(count: int, delay_s: float = 0.0) -> str:
+    """A test printing `line 1` … `line N` (with a pause between lines, to be mid-job)."""
+    return (
+        "import sys, time\n"
+        "def test_lines():\n"
+        f"    for i in range(1, {count} + 1):\n"
+        "        print(f'line {i}', flush=True)\n"
+        f"        time.sleep({delay_s})\n"
+    )
+
+
+def numbered_lines_in(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^line (\d+)$", text, flags=re.MULTILINE)]

@@ -1,0 +1,52 @@
+"""Settings come from CI_* variables once, with sizes in friendly units."""
+
+from __future__ import annotations
+
+import pytest
+
+from ci_common.errors import InvalidInput
+from ci_common.settings import Settings, format_size, parse_size
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    settings = Settings.from_env({})
+    assert settings.db_path == "ci_jobs.db"
+    assert settings.runner_image == "python:3.12-slim"
+    assert settings.reconcile_interval_s == 2.0
+    assert settings.max_upload_bytes == 50 * 1024 * 1024
+
+
+def test_environment_and_overrides() -> None:
+    settings = Settings.from_env(
+        {"CI_DB_PATH": "/tmp/a.db", "CI_MAX_UPLOAD": "10MB", "CI_JOB_CPUS": "0.5",
+         "CI_MAX_CONCURRENT_JOBS": "3", "CI_CA_BUNDLE": "/etc/ca.pem"},
+        db_path="/tmp/b.db", reconcile_interval_s=None)
+    assert settings.db_path == "/tmp/b.db"  # an explicit option beats the variable
+    assert settings.max_upload_bytes == 10 * 1024 * 1024
+    assert settings.job_cpus == 0.5 and settings.max_concurrent_jobs == 3
+    assert settings.ca_bundle == "/etc/ca.pem"
+    assert settings.reconcile_interval_s == 2.0  # None overrides are ignored
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(InvalidInput, match="CI_MAX_CONCURRENT_JOBS"):
+        Settings.from_env({"CI_MAX_CONCURRENT_JOBS": "many"})
+    with pytest.raises(InvalidInput, match="CI_LOG_LIMIT"):
+        Settings.from_env({"CI_LOG_LIMIT": "lots"})
+
+
+def test_every_setting_has_a_ci_variable() -> None:
+    names = Settings.env_names()
+    assert all(env.startswith("CI_") for env in names.values())
+    assert len(set(names.values())) == len(names)
+
+
+@pytest.mark.parametrize(("text", "value"), [("512", 512), ("1k", 1024), ("50MB", 50 * 1024**2),
+                                             ("1.5g", int(1.5 * 1024**3))])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_format_size() -> None:
+    assert format_size(812) == "812 B"
+    assert format_size(50 * 1024**2) == "50.0 MB"
