@@ -1,0 +1,1 @@
+"""The `ci` client: pack a project, submit it, stream its test output (HTTP only)."""

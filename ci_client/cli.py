@@ -1,0 +1,257 @@
+"""The `ci` command: submit a project's tests, wait for a job, list jobs.
+
+Status lines go to stderr and the job's output to stdout, byte for byte as the server sent it,
+so `ci submit test > out.txt` captures exactly the test run. Every error is reported in one
+place (`_CIGroup.invoke`): one `Error: …` line on stderr, a traceback only with `--debug`.
+
+Exit codes: 0 the tests passed; 1 they did not, or an error; 2 a usage or input error (e.g.
+not in a project root); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+
+from ci_client import render
+from ci_client.client import CIClient, ReconnectPolicy, Since
+from ci_client.config import ClientConfig, load_config
+from ci_client.events import EndEvent, OutputEvent, StatusEvent
+from ci_client.packing import describe_archive, pack
+from ci_common.errors import CIError
+from ci_common.models import JobStatus
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class CLIState:
+    """Per-invocation state on `ctx.obj`; tests pass one in to inject a transport or config."""
+
+    api_key: str | None = None
+    server: str | None = None
+    debug: bool = False
+    transport: httpx.BaseTransport | None = None  # None: real network
+    environ: Mapping[str, str] | None = None  # None: os.environ
+    config_path: Path | None = None  # None: ~/.ci/config
+    reconnect: ReconnectPolicy | None = None
+
+    def config(self, max_upload: str | None = None) -> ClientConfig:
+        """The resolved configuration (options > environment > config file > defaults)."""
+        return load_config(api_key=self.api_key, server=self.server, max_upload=max_upload,
+                           environ=os.environ if self.environ is None else self.environ,
+                           config_path=self.config_path)
+
+    def client(self, config: ClientConfig) -> CIClient:
+        """A client for the configured servers; raises when no API key was found."""
+        return CIClient(config.server_urls, config.require_api_key(), transport=self.transport,
+                        reconnect=self.reconnect)
+
+
+def _store(attribute: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            setattr(ctx.ensure_object(CLIState), attribute, value)
+    return callback
+
+
+def connection_options(func: F) -> F:
+    """--api-key, --server and --debug, accepted on the group and after any subcommand."""
+    options = [
+        click.option("--api-key", metavar="KEY", expose_value=False, callback=_store("api_key"),
+                     help="API key (default: $CI_API_KEY, then api_key= in ~/.ci/config)."),
+        click.option("--server", metavar="URL[,URL…]", expose_value=False,
+                     callback=_store("server"),
+                     help="Server URL(s), comma-separated for fail-over "
+                          "(default: $CI_SERVER_URL, then ~/.ci/config, then "
+                          "http://localhost:8000)."),
+        click.option("--debug", is_flag=True, default=False, expose_value=False,
+                     callback=_store("debug"), help="Show tracebacks of errors."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class _CIGroup(click.Group):
+    """The top-level group: the one place where errors become `Error: …` lines."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except CIError as exc:
+            _report(ctx, exc, exc.message)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _status("Interrupted.")
+            ctx.exit(EXIT_INTERRUPTED)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise  # click's main() silences a closed stdout (`ci list | head`)
+            _report(ctx, exc, str(exc))
+            ctx.exit(1)
+        except Exception as exc:  # noqa: BLE001 - a bug must still not spill a traceback
+            _report(ctx, exc, f"unexpected {type(exc).__name__}: {exc} "
+                              "(rerun with --debug for the traceback)")
+            ctx.exit(1)
+
+
+def _report(ctx: click.Context, exc: BaseException, message: str) -> None:
+    state = ctx.find_object(CLIState)
+    if state is not None and state.debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+
+
+def _status(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _write_output(text: str) -> None:
+    """Job output to stdout unchanged (click.echo would strip colour codes when piped)."""
+    out = sys.stdout
+    try:
+        out.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(out, "encoding", None) or "utf-8"
+        out.write(text.encode(encoding, "replace").decode(encoding))
+    out.flush()
+
+
+@click.group(cls=_CIGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@connection_options
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Run a Python project's tests on the CI service and stream the output live."""
+    ctx.ensure_object(CLIState)
+
+
+@cli.group()
+def submit() -> None:
+    """Submit work to the CI service."""
+
+
+@submit.command("test")
+@click.option("--async", "run_async", is_flag=True,
+              help="Print the job id and return at once (stdout: `Job submitted: <id>`).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Fail the job if it runs longer than this.")
+@click.option("--max-upload", metavar="SIZE",
+              help="Refuse archives over this size (default: $CI_MAX_UPLOAD or 50MB).")
+@connection_options
+@click.pass_context
+def submit_test(ctx: click.Context, run_async: bool, timeout: float | None,
+                max_upload: str | None) -> None:
+    """Pack the project in the current directory, run its tests, stream the output."""
+    state = ctx.ensure_object(CLIState)
+    config = state.config(max_upload)
+    config.require_api_key()  # before packing: no point packing what cannot be sent
+    packed = pack(Path.cwd(), config.max_upload_bytes)
+    _status(f"Packing project… {describe_archive(packed)}")
+    _status("Uploading…")
+    with state.client(config) as client:
+        created = client.submit(packed.archive, timeout)
+        if run_async:
+            click.echo(f"Job submitted: {created.id}")
+            return
+        _status(f"Job submitted: {created.id}")
+        try:
+            code = _follow(client, created.id, "start")
+        except KeyboardInterrupt:
+            _cancel_after_interrupt(client, created.id)
+            ctx.exit(EXIT_INTERRUPTED)
+    ctx.exit(code)
+
+
+@cli.command("wait")
+@click.argument("job_id")
+@click.option("--all", "show_all", is_flag=True, help="Show the output from the beginning.")
+@connection_options
+@click.pass_context
+def wait(ctx: click.Context, job_id: str, show_all: bool) -> None:
+    """Stream a job's output until it ends; exit 0 if its tests passed."""
+    state = ctx.ensure_object(CLIState)
+    with state.client(state.config()) as client:
+        job = client.get_job(job_id)
+        if job.status.is_terminal and not show_all:
+            _status(render.already_finished_line(job))
+            ctx.exit(render.exit_code_for(job.success))
+        if not show_all:
+            _status(f"Status: {job.status.value}")
+        try:
+            code = _follow(client, job_id, "start" if show_all else "now")
+        except KeyboardInterrupt:
+            _status(f"Stopped waiting; job {job_id} continues to run "
+                    f"(`ci wait {job_id}` resumes).")
+            ctx.exit(EXIT_INTERRUPTED)
+    ctx.exit(code)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="How many of the newest jobs to show.")
+@connection_options
+@click.pass_context
+def list_jobs(ctx: click.Context, as_json: bool, limit: int) -> None:
+    """List your jobs, newest first."""
+    state = ctx.ensure_object(CLIState)
+    with state.client(state.config()) as client:
+        page = client.list_jobs(limit=limit)
+    if as_json:
+        click.echo(render.jobs_json(page.jobs))
+        return
+    click.echo(render.jobs_table(page.jobs))
+    if page.total > len(page.jobs):
+        _status(f"Showing the newest {len(page.jobs)} of {page.total} jobs (see --limit).")
+
+
+def _follow(client: CIClient, job_id: str, since: Since) -> int:
+    """Print a job's events until it ends; the exit code for its result."""
+    at_line_start = True
+    with contextlib.closing(client.stream_events(job_id, since)) as events:
+        for event in events:
+            if isinstance(event, OutputEvent):
+                _write_output(event.text)
+                if event.text:
+                    at_line_start = event.text.endswith("\n")
+                continue
+            if not at_line_start:
+                _status("")  # keep status lines off the end of an unfinished output line
+                at_line_start = True
+            if isinstance(event, StatusEvent):
+                _status(f"Status: {event.status.value}")
+            elif isinstance(event, EndEvent):
+                _status(render.result_line(event.end))
+                return render.exit_code_for(event.end.success)
+    raise CIError(f"the event stream of job {job_id} ended without the job's result")
+
+
+def _cancel_after_interrupt(client: CIClient, job_id: str) -> None:
+    try:
+        job = client.cancel(job_id)
+    except CIError as exc:
+        _status(f"Error: could not cancel job {job_id}: {exc.message}")
+        return
+    if job.status.is_terminal and job.status is not JobStatus.CANCELLED:
+        _status(f"Job {job_id} had already finished ({job.status.value}); nothing to cancel")
+    else:
+        _status(f"Job {job_id} cancelled")
+
+
+def main() -> None:
+    """Console-script entry point of `ci`."""
+    cli.main(prog_name="ci")
