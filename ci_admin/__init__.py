@@ -1,0 +1,1 @@
+"""`ci-admin`: the operators' command for users and API keys, run on the database host."""
