@@ -1,0 +1,406 @@
+"""InMemoryRepository: the Repository contract in plain dicts, for unit tests of the services.
+
+One lock serialises every method, so each is atomic like a database transaction; a counter
+bumped by every write is the change token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from ci_common.errors import AlreadyExists, NotFound
+from ci_common.models import (
+    ApiKey,
+    EventKind,
+    Job,
+    JobEvent,
+    JobOutcome,
+    JobStatus,
+    OutputChunk,
+    OutputStream,
+    StoredKey,
+    User,
+    utcnow,
+)
+from ci_persistence.logcap import marker_text, plan_drop, utf8_len
+from ci_persistence.policy import POLL_BATCH, cancelled_outcome, check_terminal, end_event_text
+from ci_persistence.timefmt import as_utc
+
+
+def nocase(text: str) -> str:
+    """Fold ASCII letters only, like SQLite's COLLATE NOCASE."""
+    return text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+@dataclass(slots=True)
+class _StoredEvent:
+    event: JobEvent
+    is_marker: bool = False
+
+
+@dataclass(slots=True)
+class _KeyRow:
+    key: ApiKey
+    key_hash: str
+
+
+class InMemoryRepository:
+    """The Repository Protocol held in memory; thread-safe, one process only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changes = 0
+        self._users: dict[str, User] = {}
+        self._email_index: dict[str, str] = {}
+        self._keys: dict[str, _KeyRow] = {}
+        self._jobs: dict[str, Job] = {}
+        self._archives: dict[str, bytes] = {}
+        self._next_seq: dict[str, int] = {}
+        self._events: dict[int, _StoredEvent] = {}  # global id -> event
+        self._event_ids: list[int] = []  # every id ever given, ascending (some since dropped)
+        self._job_event_ids: dict[str, list[int]] = {}
+        self._last_event_id = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Nothing to release; safe to call twice."""
+
+    def change_token(self) -> int:
+        """Moves after every write."""
+        with self._lock:
+            return self._changes
+
+    def _changed(self) -> None:
+        self._changes += 1
+
+    # ----------------------------------------------------------------- users
+    def create_user(self, name: str, email: str) -> User:
+        """Create an active user; AlreadyExists when the email is taken (case-insensitive)."""
+        with self._lock:
+            if nocase(email) in self._email_index:
+                raise AlreadyExists(f"a user with email {email} already exists")
+            user = User(id=str(uuid.uuid4()), name=name, email=email, is_active=True,
+                        created_at=utcnow())
+            self._users[user.id] = user
+            self._email_index[nocase(email)] = user.id
+            self._changed()
+            return user
+
+    def get_user(self, user_id: str) -> User:
+        """Raises NotFound."""
+        with self._lock:
+            return self._user(user_id)
+
+    def _user(self, user_id: str) -> User:
+        try:
+            return self._users[user_id]
+        except KeyError:
+            raise NotFound(f"user {user_id} not found") from None
+
+    def get_user_by_email(self, email: str) -> User:
+        """Case-insensitive. Raises NotFound."""
+        with self._lock:
+            user_id = self._email_index.get(nocase(email))
+            if user_id is None:
+                raise NotFound(f"no user with email {email}")
+            return self._users[user_id]
+
+    def list_users(self) -> list[User]:
+        """All users, oldest first."""
+        with self._lock:
+            return list(self._users.values())
+
+    def set_user_active(self, user_id: str, active: bool) -> User:
+        """Activate or deactivate. Raises NotFound."""
+        with self._lock:
+            user = replace(self._user(user_id), is_active=active)
+            self._users[user_id] = user
+            self._changed()
+            return user
+
+    # ----------------------------------------------------------------- API keys
+    def create_api_key(self, user_id: str, name: str, key_hash: str, prefix: str) -> ApiKey:
+        """Store a new key's hash and prefix. Raises NotFound (user)."""
+        with self._lock:
+            user = self._user(user_id)
+            if any(row.key_hash == key_hash for row in self._keys.values()):
+                raise AlreadyExists("an API key with that hash already exists")
+            key = ApiKey(id=str(uuid.uuid4()), user_id=user.id, user_email=user.email, name=name,
+                         prefix=prefix, is_active=True, created_at=utcnow(), last_used_at=None)
+            self._keys[key.id] = _KeyRow(key=key, key_hash=key_hash)
+            self._changed()
+            return key
+
+    def list_api_keys(self, user_id: str | None = None) -> list[ApiKey]:
+        """Keys of one user, or of everyone; oldest first."""
+        with self._lock:
+            return [row.key for row in self._keys.values()
+                    if user_id is None or row.key.user_id == user_id]
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Deactivate a key. Raises NotFound."""
+        with self._lock:
+            row = self._keys.get(key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id} not found")
+            row.key = replace(row.key, is_active=False)
+            self._changed()
+            return row.key
+
+    def find_keys_by_prefix(self, prefix: str) -> list[StoredKey]:
+        """Candidate keys (active or not) with their owner."""
+        with self._lock:
+            return [StoredKey(key=row.key, key_hash=row.key_hash,
+                              user=self._users[row.key.user_id])
+                    for row in self._keys.values() if row.key.prefix == prefix]
+
+    def touch_api_key(self, key_id: str, when: datetime) -> None:
+        """Record a successful use; unknown ids are ignored."""
+        with self._lock:
+            row = self._keys.get(key_id)
+            if row is not None:
+                row.key = replace(row.key, last_used_at=as_utc(when))
+                self._changed()
+
+    # ----------------------------------------------------------------- jobs (server side)
+    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None) -> Job:
+        """Store the archive and a queued job with its first STATUS event."""
+        with self._lock:
+            self._user(user_id)
+            job = Job(id=str(uuid.uuid4()), user_id=user_id, status=JobStatus.QUEUED,
+                      created_at=utcnow(), start_time=None, end_time=None, exit_code=None,
+                      success=None, reason=None, timeout_seconds=timeout_seconds,
+                      archive_size=len(archive), controller_id=None, container_id=None,
+                      cancel_requested=False, log_cursor=0, output_bytes=0, dropped_bytes=0)
+            self._jobs[job.id] = job
+            self._archives[job.id] = bytes(archive)
+            self._next_seq[job.id] = 1
+            self._job_event_ids[job.id] = []
+            self._append(job.id, EventKind.STATUS, JobStatus.QUEUED.value, None)
+            self._changed()
+            return job
+
+    def get_job(self, job_id: str, user_id: str | None = None) -> Job:
+        """One job; another user's job raises NotFound like a missing one."""
+        with self._lock:
+            return self._job(job_id, user_id)
+
+    def _job(self, job_id: str, user_id: str | None = None) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None or (user_id is not None and job.user_id != user_id):
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
+        """The user's jobs, newest first."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job.user_id == user_id]
+        jobs.sort(key=lambda job: (job.created_at, job.id), reverse=True)
+        return jobs[max(offset, 0):max(offset, 0) + max(limit, 0)]
+
+    def count_jobs(self, user_id: str) -> int:
+        """How many jobs the user has."""
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if job.user_id == user_id)
+
+    def request_cancel(self, job_id: str, user_id: str) -> Job:
+        """Cancel a queued unclaimed job at once; flag a claimed or running one."""
+        with self._lock:
+            job = self._job(job_id, user_id)
+            if job.status.is_terminal:
+                return job
+            if job.status is JobStatus.QUEUED and job.controller_id is None:
+                job = replace(job, cancel_requested=True)
+                self._jobs[job_id] = job
+                job = self._finish(job, cancelled_outcome(), utcnow())
+            elif not job.cancel_requested:
+                job = replace(job, cancel_requested=True)
+                self._jobs[job_id] = job
+            self._changed()
+            return job
+
+    def get_archive(self, job_id: str) -> bytes:
+        """The uploaded zip. Raises NotFound."""
+        with self._lock:
+            try:
+                return self._archives[job_id]
+            except KeyError:
+                raise NotFound(f"archive of job {job_id} not found") from None
+
+    # ----------------------------------------------------------------- jobs (controller side)
+    def claim_next_job(self, controller_id: str) -> Job | None:
+        """Claim the fairest waiting job (fewest busy jobs of its user, then oldest)."""
+        with self._lock:
+            busy: dict[str, int] = {}
+            for job in self._jobs.values():
+                if job.controller_id is not None and not job.status.is_terminal:
+                    busy[job.user_id] = busy.get(job.user_id, 0) + 1
+            waiting = [job for job in self._jobs.values()
+                       if job.status is JobStatus.QUEUED and job.controller_id is None
+                       and not job.cancel_requested]
+            if not waiting:
+                return None
+            chosen = min(waiting, key=lambda j: (busy.get(j.user_id, 0), j.created_at, j.id))
+            claimed = replace(chosen, controller_id=controller_id)
+            self._jobs[claimed.id] = claimed
+            self._changed()
+            return claimed
+
+    def mark_running(self, job_id: str, container_id: str, start_time: datetime) -> Job:
+        """Status RUNNING with its STATUS event; again for a running job only sets container_id."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.status.is_terminal:
+                return job
+            if job.status is JobStatus.RUNNING:
+                job = replace(job, container_id=container_id)
+            else:
+                job = replace(job, status=JobStatus.RUNNING, container_id=container_id,
+                              start_time=as_utc(start_time))
+                self._append(job_id, EventKind.STATUS, JobStatus.RUNNING.value, None)
+            self._jobs[job_id] = job
+            self._changed()
+            return job
+
+    def release_job(self, job_id: str) -> Job:
+        """Unclaim a job that never started (one whose cancel was asked is cancelled instead)."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.status is not JobStatus.QUEUED or job.controller_id is None:
+                return job
+            job = replace(job, controller_id=None)
+            self._jobs[job_id] = job
+            if job.cancel_requested:
+                job = self._finish(job, cancelled_outcome(), utcnow())
+            self._changed()
+            return job
+
+    def append_output(
+        self,
+        job_id: str,
+        chunks: Sequence[OutputChunk],
+        log_cursor: int,
+        keep_bytes: int | None = None,
+    ) -> list[JobEvent]:
+        """Append OUTPUT events and move log_cursor atomically; apply the log cap."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.status.is_terminal:
+                return []
+            new_ids = [self._append(job_id, EventKind.OUTPUT, chunk.text, chunk.stream)
+                       for chunk in chunks if chunk.text]
+            added = sum(utf8_len(self._events[i].event.text) for i in new_ids)
+            job = replace(job, log_cursor=log_cursor, output_bytes=job.output_bytes + added)
+            if keep_bytes is not None and job.output_bytes > keep_bytes:
+                job = self._cap(job, keep_bytes)
+            self._jobs[job_id] = job
+            self._changed()
+            return [self._events[i].event for i in new_ids if i in self._events]
+
+    def _cap(self, job: Job, keep_bytes: int) -> Job:
+        outputs = [i for i in self._job_event_ids[job.id]
+                   if self._events[i].event.kind is EventKind.OUTPUT
+                   and not self._events[i].is_marker]
+        sizes = [(i, utf8_len(self._events[i].event.text)) for i in outputs]
+        plan = plan_drop(job.output_bytes, sizes, keep_bytes)
+        if not plan.keys:
+            return job
+        dropped = job.dropped_bytes + plan.bytes
+        text = marker_text(dropped, keep_bytes)
+        marker_id = next((i for i in self._job_event_ids[job.id] if self._events[i].is_marker),
+                         None)
+        doomed = plan.keys
+        if marker_id is None:
+            # The first dropped event becomes the marker, in place: same seq, same global id.
+            marker_id, doomed = doomed[0], doomed[1:]
+            self._events[marker_id].is_marker = True
+        stored = self._events[marker_id]
+        stored.event = replace(stored.event, text=text, stream=OutputStream.STDOUT)
+        for event_id in doomed:
+            del self._events[event_id]
+        gone = set(doomed)
+        self._job_event_ids[job.id] = [i for i in self._job_event_ids[job.id] if i not in gone]
+        return replace(job, output_bytes=job.output_bytes - plan.bytes, dropped_bytes=dropped)
+
+    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime) -> Job:
+        """Record the outcome and the END event, once (first outcome wins)."""
+        check_terminal(outcome)
+        with self._lock:
+            job = self._job(job_id)
+            if job.status.is_terminal:
+                return job
+            job = self._finish(job, outcome, end_time)
+            self._changed()
+            return job
+
+    def _finish(self, job: Job, outcome: JobOutcome, end_time: datetime) -> Job:
+        job = replace(job, status=outcome.status, exit_code=outcome.exit_code,
+                      success=outcome.success, reason=outcome.reason, end_time=as_utc(end_time))
+        self._jobs[job.id] = job
+        self._append(job.id, EventKind.END, end_event_text(outcome), None)
+        return job
+
+    def list_controller_jobs(self, controller_id: str) -> list[Job]:
+        """Claimed or running, not yet terminal jobs of this controller."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values()
+                    if job.controller_id == controller_id and not job.status.is_terminal]
+        return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+    def count_queued_jobs(self) -> int:
+        """Queued jobs no controller has claimed yet."""
+        with self._lock:
+            return sum(1 for job in self._jobs.values()
+                       if job.status is JobStatus.QUEUED and job.controller_id is None)
+
+    # ----------------------------------------------------------------- events (relay)
+    def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """A job's events with seq > after_seq, in order."""
+        with self._lock:
+            events = [self._events[i].event for i in self._job_event_ids.get(job_id, [])]
+        return [event for event in events if event.seq > after_seq][:max(limit, 0)]
+
+    def last_event_seq(self, job_id: str) -> int:
+        """The seq of the job's latest event (0 if none)."""
+        with self._lock:
+            ids = self._job_event_ids.get(job_id)
+            return self._events[ids[-1]].event.seq if ids else 0
+
+    def poll_events(self, cursor: int | None) -> tuple[list[JobEvent], int]:
+        """Events after cursor across all jobs, in commit order, and the new cursor."""
+        with self._lock:
+            if cursor is None:
+                return [], self._last_event_id
+            found: list[JobEvent] = []
+            new_cursor = cursor
+            start = bisect.bisect_right(self._event_ids, cursor)
+            for index in range(start, len(self._event_ids)):
+                event_id = self._event_ids[index]
+                stored = self._events.get(event_id)
+                if stored is None:  # dropped by the log cap
+                    continue
+                found.append(stored.event)
+                new_cursor = event_id
+                if len(found) >= POLL_BATCH:
+                    break
+            return found, new_cursor
+
+    def _append(self, job_id: str, kind: EventKind, text: str,
+                stream: OutputStream | None) -> int:
+        seq = self._next_seq[job_id]
+        self._next_seq[job_id] = seq + 1
+        self._last_event_id += 1
+        event = JobEvent(job_id=job_id, seq=seq, kind=kind, text=text, stream=stream,
+                         created_at=utcnow())
+        self._events[self._last_event_id] = _StoredEvent(event=event)
+        self._event_ids.append(self._last_event_id)
+        self._job_event_ids[job_id].append(self._last_event_id)
+        return self._last_event_id

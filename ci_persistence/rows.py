@@ -1,0 +1,71 @@
+"""SQLite rows to models: the one place that knows how columns map onto ci_common.models."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from ci_common.models import ApiKey, EventKind, Job, JobEvent, JobStatus, OutputStream, User
+from ci_persistence.timefmt import from_text, opt_from_text
+
+JOB_COLUMNS = (
+    "id, user_id, status, created_at, start_time, end_time, exit_code, success, reason, "
+    "timeout_seconds, archive_size, controller_id, container_id, cancel_requested, log_cursor, "
+    "output_bytes, dropped_bytes"
+)
+EVENT_COLUMNS = "job_id, seq, kind, stream, text, created_at"
+USER_COLUMNS = "id, name, email, is_active, created_at"
+# api_keys joined with users: k.* for the key, u_* for its owner.
+KEY_SELECT = (
+    "SELECT k.id, k.user_id, k.name, k.key_hash, k.prefix, k.is_active, k.created_at, "
+    "k.last_used_at, u.name AS u_name, u.email AS u_email, u.is_active AS u_is_active, "
+    "u.created_at AS u_created_at FROM api_keys k JOIN users u ON u.id = k.user_id"
+)
+
+
+def user_from_row(row: sqlite3.Row) -> User:
+    return User(id=row["id"], name=row["name"], email=row["email"],
+                is_active=bool(row["is_active"]), created_at=from_text(row["created_at"]))
+
+
+def key_from_row(row: sqlite3.Row) -> ApiKey:
+    """An ApiKey from a KEY_SELECT row."""
+    return ApiKey(id=row["id"], user_id=row["user_id"], user_email=row["u_email"],
+                  name=row["name"], prefix=row["prefix"], is_active=bool(row["is_active"]),
+                  created_at=from_text(row["created_at"]),
+                  last_used_at=opt_from_text(row["last_used_at"]))
+
+
+def key_owner_from_row(row: sqlite3.Row) -> User:
+    """The owner from a KEY_SELECT row."""
+    return User(id=row["user_id"], name=row["u_name"], email=row["u_email"],
+                is_active=bool(row["u_is_active"]), created_at=from_text(row["u_created_at"]))
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    success = row["success"]
+    return Job(
+        id=row["id"],
+        user_id=row["user_id"],
+        status=JobStatus(row["status"]),
+        created_at=from_text(row["created_at"]),
+        start_time=opt_from_text(row["start_time"]),
+        end_time=opt_from_text(row["end_time"]),
+        exit_code=row["exit_code"],
+        success=None if success is None else bool(success),
+        reason=row["reason"],
+        timeout_seconds=row["timeout_seconds"],
+        archive_size=row["archive_size"],
+        controller_id=row["controller_id"],
+        container_id=row["container_id"],
+        cancel_requested=bool(row["cancel_requested"]),
+        log_cursor=row["log_cursor"],
+        output_bytes=row["output_bytes"],
+        dropped_bytes=row["dropped_bytes"],
+    )
+
+
+def event_from_row(row: sqlite3.Row) -> JobEvent:
+    stream = row["stream"]
+    return JobEvent(job_id=row["job_id"], seq=row["seq"], kind=EventKind(row["kind"]),
+                    text=row["text"], stream=None if stream is None else OutputStream(stream),
+                    created_at=from_text(row["created_at"]))

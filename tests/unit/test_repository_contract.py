@@ -1,0 +1,514 @@
+"""The Repository contract (ci_common/repository.py), checked against every implementation."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ci_common.errors import AlreadyExists, NotFound
+from ci_common.models import (
+    EventKind,
+    Job,
+    JobOutcome,
+    JobStatus,
+    OutputChunk,
+    OutputStream,
+    User,
+)
+from ci_common.repository import Repository
+from ci_common.settings import format_size
+from ci_common.wire import EndData
+from ci_persistence import InMemoryRepository, SqliteRepository
+
+CTRL = "controller-1"
+PASSED = JobOutcome(status=JobStatus.COMPLETED, exit_code=0, success=True, reason=None)
+TIMED_OUT = JobOutcome(status=JobStatus.FAILED, exit_code=None, success=False, reason="timed out")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Repository]:
+    if request.param == "memory":
+        repository: Repository = InMemoryRepository()
+    else:
+        repository = SqliteRepository(str(tmp_path / "ci.db"))
+    yield repository
+    repository.close()
+
+
+@pytest.fixture
+def user(repo: Repository) -> User:
+    return repo.create_user("Ada", "ada@example.com")
+
+
+def out(text: str, stream: OutputStream = OutputStream.STDOUT) -> OutputChunk:
+    return OutputChunk(stream=stream, text=text)
+
+
+def new_jobs(repo: Repository, user: User, count: int) -> list[Job]:
+    """Jobs with distinct created_at, so 'oldest first' is unambiguous."""
+    jobs = []
+    for _ in range(count):
+        jobs.append(repo.create_job(user.id, b"PK-zip", None))
+        time.sleep(0.002)
+    return jobs
+
+
+def running_job(repo: Repository, user: User) -> Job:
+    job = repo.create_job(user.id, b"zip", None)
+    assert repo.claim_next_job(CTRL) is not None
+    return repo.mark_running(job.id, "container-1", datetime.now(UTC))
+
+
+def is_aware_utc(when: datetime | None) -> bool:
+    return when is not None and when.utcoffset() == timedelta(0)
+
+
+# --------------------------------------------------------------------------- lifecycle
+def test_close_twice_is_safe(repo: Repository) -> None:
+    repo.close()
+    repo.close()
+
+
+def test_change_token_is_stable_without_writes_and_moves_after_each_write(
+    repo: Repository, user: User
+) -> None:
+    assert repo.change_token() == repo.change_token()
+    seen = [repo.change_token()]
+    job = repo.create_job(user.id, b"zip", None)
+    seen.append(repo.change_token())
+    repo.claim_next_job(CTRL)
+    seen.append(repo.change_token())
+    repo.append_output(job.id, [out("line\n")], 1)
+    seen.append(repo.change_token())
+    repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    seen.append(repo.change_token())
+    repo.set_user_active(user.id, False)
+    seen.append(repo.change_token())
+    assert len(set(seen)) == len(seen)
+    repo.get_job(job.id)
+    repo.list_events(job.id)
+    assert repo.change_token() == seen[-1]
+
+
+# --------------------------------------------------------------------------- users
+def test_create_and_get_user(repo: Repository) -> None:
+    user = repo.create_user("Ada", "Ada@Example.com")
+    assert uuid.UUID(user.id).version == 4
+    assert (user.name, user.email, user.is_active) == ("Ada", "Ada@Example.com", True)
+    assert is_aware_utc(user.created_at)
+    assert repo.get_user(user.id) == user
+    assert repo.get_user_by_email("ada@example.COM") == user
+
+
+def test_duplicate_email_is_refused_case_insensitively(repo: Repository, user: User) -> None:
+    with pytest.raises(AlreadyExists):
+        repo.create_user("Other", "ada@example.com")
+    with pytest.raises(AlreadyExists):
+        repo.create_user("Other", "ADA@EXAMPLE.COM")
+    assert repo.list_users() == [user]
+
+
+def test_missing_users_raise_not_found(repo: Repository) -> None:
+    with pytest.raises(NotFound):
+        repo.get_user(str(uuid.uuid4()))
+    with pytest.raises(NotFound):
+        repo.get_user_by_email("nobody@example.com")
+    with pytest.raises(NotFound):
+        repo.set_user_active(str(uuid.uuid4()), False)
+
+
+def test_list_users_oldest_first(repo: Repository) -> None:
+    created = [repo.create_user(f"u{i}", f"u{i}@example.com") for i in range(4)]
+    assert repo.list_users() == created
+
+
+def test_set_user_active(repo: Repository, user: User) -> None:
+    off = repo.set_user_active(user.id, False)
+    assert off.is_active is False
+    assert repo.get_user(user.id).is_active is False
+    assert repo.set_user_active(user.id, True).is_active is True
+
+
+# --------------------------------------------------------------------------- API keys
+def test_create_list_and_revoke_keys(repo: Repository, user: User) -> None:
+    other = repo.create_user("Bob", "bob@example.com")
+    k1 = repo.create_api_key(user.id, "laptop", "a" * 64, "ci_aaaaaaaa")
+    k2 = repo.create_api_key(other.id, "ci", "b" * 64, "ci_bbbbbbbb")
+    k3 = repo.create_api_key(user.id, "desktop", "c" * 64, "ci_cccccccc")
+    assert (k1.user_id, k1.user_email, k1.name, k1.prefix) == (
+        user.id, "ada@example.com", "laptop", "ci_aaaaaaaa")
+    assert k1.is_active and k1.last_used_at is None and is_aware_utc(k1.created_at)
+    assert repo.list_api_keys(user.id) == [k1, k3]
+    assert repo.list_api_keys() == [k1, k2, k3]
+    assert repo.list_api_keys(str(uuid.uuid4())) == []
+    revoked = repo.revoke_api_key(k1.id)
+    assert revoked.is_active is False and revoked.id == k1.id
+    assert [k.is_active for k in repo.list_api_keys(user.id)] == [False, True]
+
+
+def test_key_errors(repo: Repository, user: User) -> None:
+    with pytest.raises(NotFound):
+        repo.create_api_key(str(uuid.uuid4()), "x", "d" * 64, "ci_dddddddd")
+    with pytest.raises(NotFound):
+        repo.revoke_api_key(str(uuid.uuid4()))
+    repo.create_api_key(user.id, "x", "e" * 64, "ci_eeeeeeee")
+    with pytest.raises(AlreadyExists):
+        repo.create_api_key(user.id, "y", "e" * 64, "ci_eeeeeeee")
+
+
+def test_find_keys_by_prefix_returns_hash_and_owner_active_or_not(
+    repo: Repository, user: User
+) -> None:
+    key = repo.create_api_key(user.id, "k", "f" * 64, "ci_same0000")
+    twin = repo.create_api_key(user.id, "k2", "0" * 64, "ci_same0000")
+    repo.create_api_key(user.id, "k3", "1" * 64, "ci_other000")
+    repo.revoke_api_key(twin.id)
+    repo.set_user_active(user.id, False)
+    found = {stored.key.id: stored for stored in repo.find_keys_by_prefix("ci_same0000")}
+    assert set(found) == {key.id, twin.id}
+    assert found[key.id].key_hash == "f" * 64
+    assert found[twin.id].key.is_active is False
+    assert found[key.id].user.id == user.id and found[key.id].user.is_active is False
+    assert repo.find_keys_by_prefix("ci_nothing0") == []
+
+
+def test_touch_api_key(repo: Repository, user: User) -> None:
+    key = repo.create_api_key(user.id, "k", "2" * 64, "ci_touch000")
+    when = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    repo.touch_api_key(key.id, when)
+    repo.touch_api_key(str(uuid.uuid4()), when)  # ignored
+    [stored] = repo.find_keys_by_prefix("ci_touch000")
+    assert stored.key.last_used_at == when
+    assert repo.list_api_keys(user.id)[0].last_used_at == when
+
+
+# --------------------------------------------------------------------------- jobs
+def test_create_job_stores_archive_and_first_event(repo: Repository, user: User) -> None:
+    job = repo.create_job(user.id, b"PK\x03\x04 archive bytes", 12.5)
+    assert uuid.UUID(job.id).version == 4
+    assert job.status is JobStatus.QUEUED and job.user_id == user.id
+    assert (job.archive_size, job.timeout_seconds) == (len(b"PK\x03\x04 archive bytes"), 12.5)
+    assert job.controller_id is None and job.container_id is None and not job.cancel_requested
+    assert (job.log_cursor, job.output_bytes, job.dropped_bytes) == (0, 0, 0)
+    assert job.success is None and job.exit_code is None and job.end_time is None
+    assert is_aware_utc(job.created_at)
+    assert repo.get_archive(job.id) == b"PK\x03\x04 archive bytes"
+    [event] = repo.list_events(job.id)
+    assert (event.seq, event.kind, event.text, event.stream) == (
+        1, EventKind.STATUS, "queued", None)
+    assert repo.get_job(job.id) == job
+
+
+def test_job_errors(repo: Repository, user: User) -> None:
+    with pytest.raises(NotFound):
+        repo.create_job(str(uuid.uuid4()), b"zip", None)
+    job = repo.create_job(user.id, b"zip", None)
+    other = repo.create_user("Eve", "eve@example.com")
+    with pytest.raises(NotFound):
+        repo.get_job(str(uuid.uuid4()))
+    with pytest.raises(NotFound):
+        repo.get_job(job.id, user_id=other.id)
+    assert repo.get_job(job.id, user_id=user.id).id == job.id
+    with pytest.raises(NotFound):
+        repo.get_archive(str(uuid.uuid4()))
+    for call in (lambda: repo.mark_running(str(uuid.uuid4()), "c", datetime.now(UTC)),
+                 lambda: repo.release_job(str(uuid.uuid4())),
+                 lambda: repo.append_output(str(uuid.uuid4()), [out("x")], 1),
+                 lambda: repo.finish_job(str(uuid.uuid4()), PASSED, datetime.now(UTC)),
+                 lambda: repo.request_cancel(str(uuid.uuid4()), user.id),
+                 lambda: repo.request_cancel(job.id, other.id)):
+        with pytest.raises(NotFound):
+            call()
+    assert repo.get_job(job.id).cancel_requested is False
+
+
+def test_list_and_count_jobs_newest_first(repo: Repository, user: User) -> None:
+    other = repo.create_user("Bob", "bob@example.com")
+    mine = new_jobs(repo, user, 5)
+    repo.create_job(other.id, b"zip", None)
+    newest_first = [job.id for job in reversed(mine)]
+    assert [job.id for job in repo.list_jobs(user.id)] == newest_first
+    assert [job.id for job in repo.list_jobs(user.id, limit=2, offset=1)] == newest_first[1:3]
+    assert repo.list_jobs(user.id, limit=10, offset=5) == []
+    assert repo.count_jobs(user.id) == 5
+    assert repo.count_jobs(other.id) == 1
+    assert repo.count_jobs(str(uuid.uuid4())) == 0
+
+
+# --------------------------------------------------------------------------- cancel
+def test_cancel_queued_unclaimed_job_finishes_it_at_once(repo: Repository, user: User) -> None:
+    job = repo.create_job(user.id, b"zip", None)
+    cancelled = repo.request_cancel(job.id, user.id)
+    assert cancelled.status is JobStatus.CANCELLED
+    assert (cancelled.reason, cancelled.success, cancelled.exit_code) == (
+        "cancelled by user", False, None)
+    assert is_aware_utc(cancelled.end_time)
+    events = repo.list_events(job.id)
+    assert [(e.seq, e.kind) for e in events] == [(1, EventKind.STATUS), (2, EventKind.END)]
+    assert EndData.model_validate_json(events[-1].text) == EndData(
+        status=JobStatus.CANCELLED, exit_code=None, success=False, reason="cancelled by user")
+    assert repo.claim_next_job(CTRL) is None
+    assert repo.count_queued_jobs() == 0
+
+
+def test_cancel_claimed_or_running_job_only_sets_the_flag(repo: Repository, user: User) -> None:
+    claimed = repo.create_job(user.id, b"zip", None)
+    assert repo.claim_next_job(CTRL) is not None
+    after = repo.request_cancel(claimed.id, user.id)
+    assert after.status is JobStatus.QUEUED and after.cancel_requested
+    assert after.controller_id == CTRL
+    running = running_job(repo, user)
+    after = repo.request_cancel(running.id, user.id)
+    assert after.status is JobStatus.RUNNING and after.cancel_requested
+    assert repo.last_event_seq(running.id) == 2  # no event: the controller stops it
+    assert {j.id for j in repo.list_controller_jobs(CTRL)} == {claimed.id, running.id}
+
+
+def test_cancel_terminal_job_changes_nothing(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    done = repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    assert repo.request_cancel(job.id, user.id) == done
+    assert repo.last_event_seq(job.id) == 3
+
+
+def test_release_of_a_cancel_requested_job_cancels_it(repo: Repository, user: User) -> None:
+    job = repo.create_job(user.id, b"zip", None)
+    repo.claim_next_job(CTRL)
+    repo.request_cancel(job.id, user.id)
+    released = repo.release_job(job.id)
+    assert released.status is JobStatus.CANCELLED and released.reason == "cancelled by user"
+    assert repo.list_events(job.id)[-1].kind is EventKind.END
+
+
+# --------------------------------------------------------------------------- claim
+def test_claim_on_empty_queue_returns_none(repo: Repository) -> None:
+    assert repo.claim_next_job(CTRL) is None
+
+
+def test_claim_oldest_first_and_never_twice(repo: Repository, user: User) -> None:
+    jobs = new_jobs(repo, user, 3)
+    assert repo.count_queued_jobs() == 3
+    claimed = [repo.claim_next_job(CTRL) for _ in range(3)]
+    assert [job.id for job in claimed if job] == [job.id for job in jobs]
+    assert all(job is not None and job.controller_id == CTRL
+               and job.status is JobStatus.QUEUED for job in claimed)
+    assert repo.claim_next_job("controller-2") is None
+    assert repo.count_queued_jobs() == 0
+
+
+def test_claim_is_fair_between_users(repo: Repository, user: User) -> None:
+    bob = repo.create_user("Bob", "bob@example.com")
+    ada_jobs = new_jobs(repo, user, 3)
+    bob_jobs = new_jobs(repo, bob, 2)
+    order = [repo.claim_next_job(CTRL) for _ in range(5)]
+    assert [job.id for job in order if job] == [
+        ada_jobs[0].id, bob_jobs[0].id, ada_jobs[1].id, bob_jobs[1].id, ada_jobs[2].id]
+
+
+def test_finished_jobs_do_not_count_against_fairness(repo: Repository, user: User) -> None:
+    bob = repo.create_user("Bob", "bob@example.com")
+    first = repo.create_job(user.id, b"zip", None)
+    repo.claim_next_job(CTRL)
+    repo.finish_job(first.id, PASSED, datetime.now(UTC))
+    ada_next = new_jobs(repo, user, 1)[0]
+    bob_busy = new_jobs(repo, bob, 1)[0]
+    bob_next = new_jobs(repo, bob, 1)[0]
+    # Ada's finished job is not busy, so she is level with Bob and her older job goes first;
+    # were it counted, Bob's job would.
+    assert repo.claim_next_job(CTRL).id == ada_next.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(CTRL).id == bob_busy.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(CTRL).id == bob_next.id  # type: ignore[union-attr]
+
+
+def test_claim_skips_cancelled_jobs(repo: Repository, user: User) -> None:
+    cancelled, waiting = new_jobs(repo, user, 2)
+    repo.request_cancel(cancelled.id, user.id)
+    assert repo.claim_next_job(CTRL).id == waiting.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(CTRL) is None
+
+
+def test_release_job_returns_it_to_the_queue(repo: Repository, user: User) -> None:
+    job = repo.create_job(user.id, b"zip", None)
+    repo.claim_next_job(CTRL)
+    released = repo.release_job(job.id)
+    assert released.controller_id is None and released.status is JobStatus.QUEUED
+    assert repo.count_queued_jobs() == 1
+    assert repo.list_controller_jobs(CTRL) == []
+    assert repo.claim_next_job("controller-2").id == job.id  # type: ignore[union-attr]
+
+
+def test_release_of_running_or_finished_job_changes_nothing(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    assert repo.release_job(job.id) == repo.get_job(job.id)
+    assert repo.get_job(job.id).controller_id == CTRL
+
+
+# --------------------------------------------------------------------------- controller side
+def test_mark_running_records_start_and_is_idempotent(repo: Repository, user: User) -> None:
+    job = repo.create_job(user.id, b"zip", None)
+    repo.claim_next_job(CTRL)
+    start = datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    running = repo.mark_running(job.id, "container-a", start)
+    assert running.status is JobStatus.RUNNING
+    assert (running.container_id, running.start_time) == ("container-a", start)
+    again = repo.mark_running(job.id, "container-b", start + timedelta(seconds=5))
+    assert again.container_id == "container-b" and again.start_time == start
+    assert [(e.seq, e.kind, e.text) for e in repo.list_events(job.id)] == [
+        (1, EventKind.STATUS, "queued"), (2, EventKind.STATUS, "running")]
+
+
+def test_list_controller_jobs(repo: Repository, user: User) -> None:
+    a, b, c = new_jobs(repo, user, 3)
+    repo.claim_next_job(CTRL)
+    repo.claim_next_job(CTRL)
+    repo.claim_next_job("controller-2")
+    repo.mark_running(a.id, "c", datetime.now(UTC))
+    assert [job.id for job in repo.list_controller_jobs(CTRL)] == [a.id, b.id]
+    repo.finish_job(a.id, PASSED, datetime.now(UTC))
+    assert [job.id for job in repo.list_controller_jobs(CTRL)] == [b.id]
+    assert [job.id for job in repo.list_controller_jobs("controller-2")] == [c.id]
+
+
+def test_finish_job_once_first_outcome_wins(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    end = datetime(2030, 1, 1, tzinfo=UTC)
+    done = repo.finish_job(job.id, TIMED_OUT, end)
+    assert (done.status, done.reason, done.success, done.exit_code, done.end_time) == (
+        JobStatus.FAILED, "timed out", False, None, end)
+    assert repo.finish_job(job.id, PASSED, datetime.now(UTC)) == done
+    events = repo.list_events(job.id)
+    assert [e.kind for e in events].count(EventKind.END) == 1
+    assert EndData.model_validate_json(events[-1].text).to_outcome() == TIMED_OUT
+    assert repo.list_controller_jobs(CTRL) == []
+
+
+def test_finish_job_refuses_a_non_terminal_outcome(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    with pytest.raises(ValueError):
+        repo.finish_job(job.id, JobOutcome(JobStatus.RUNNING, None, False, None),
+                        datetime.now(UTC))
+    assert repo.get_job(job.id).status is JobStatus.RUNNING
+
+
+# --------------------------------------------------------------------------- output
+def test_append_output_assigns_seqs_and_stores_cursor(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    new = repo.append_output(job.id, [out("a\n"), out("é\n", OutputStream.STDERR)], 7)
+    assert [(e.seq, e.kind, e.stream, e.text) for e in new] == [
+        (3, EventKind.OUTPUT, OutputStream.STDOUT, "a\n"),
+        (4, EventKind.OUTPUT, OutputStream.STDERR, "é\n")]
+    after = repo.get_job(job.id)
+    assert (after.log_cursor, after.output_bytes) == (7, 2 + 3)  # é is two UTF-8 bytes
+    assert repo.append_output(job.id, [], 9) == []
+    assert repo.get_job(job.id).log_cursor == 9
+    more = repo.append_output(job.id, [out("b\n")], 10)
+    assert [e.seq for e in more] == [5]
+    assert repo.last_event_seq(job.id) == 5
+
+
+def test_append_output_to_a_finished_job_is_ignored(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    assert repo.append_output(job.id, [out("late\n")], 3) == []
+    assert repo.get_job(job.id).log_cursor == 0
+    assert repo.last_event_seq(job.id) == 3
+
+
+def test_keep_bytes_drops_the_head_and_keeps_one_marker(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    line = "x" * 99 + "\n"  # 100 bytes
+    repo.append_output(job.id, [out(line)] * 3, 1, keep_bytes=250)  # seqs 3, 4, 5
+    capped = repo.get_job(job.id)
+    assert (capped.output_bytes, capped.dropped_bytes) == (200, 100)
+    events = repo.list_events(job.id)
+    marker = events[2]
+    assert (marker.seq, marker.kind, marker.stream) == (3, EventKind.OUTPUT, OutputStream.STDOUT)
+    assert marker.text.startswith("[ci] … ") and marker.text.endswith("\n")
+    assert f"{format_size(100)} of earlier output dropped" in marker.text
+    assert f"log limit {format_size(250)}" in marker.text
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    # more output: the same marker is updated, the oldest kept lines go
+    repo.append_output(job.id, [out("y" * 99 + "\n")] * 2, 2, keep_bytes=250)
+    events = repo.list_events(job.id)
+    assert [e.seq for e in events] == [1, 2, 3, 6, 7]
+    assert sum(1 for e in events if e.text.startswith("[ci] …")) == 1
+    assert f"{format_size(300)} of earlier output dropped" in events[2].text
+    assert [e.text[0] for e in events[3:]] == ["y", "y"]
+    after = repo.get_job(job.id)
+    assert (after.output_bytes, after.dropped_bytes, after.log_cursor) == (200, 300, 2)
+
+
+def test_keep_bytes_uses_utf8_sizes_and_handles_a_huge_chunk(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    repo.append_output(job.id, [out("é" * 50)], 1, keep_bytes=1000)  # 100 bytes
+    assert repo.get_job(job.id).output_bytes == 100
+    repo.append_output(job.id, [out("z" * 5000)], 2, keep_bytes=1000)
+    after = repo.get_job(job.id)
+    assert after.output_bytes <= 1000
+    assert after.output_bytes + after.dropped_bytes == 5100
+    outputs = [e for e in repo.list_events(job.id) if e.kind is EventKind.OUTPUT]
+    assert len(outputs) == 1 and outputs[0].text.startswith("[ci] …")
+    assert format_size(5100) in outputs[0].text
+    repo.append_output(job.id, [out("tail\n")], 3, keep_bytes=1000)
+    assert [e.text for e in repo.list_events(job.id)][-1] == "tail\n"
+    assert repo.get_job(job.id).output_bytes == 5
+
+
+def test_output_under_the_limit_is_untouched(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    repo.append_output(job.id, [out("a" * 100)] * 3, 1, keep_bytes=300)
+    after = repo.get_job(job.id)
+    assert (after.output_bytes, after.dropped_bytes) == (300, 0)
+    assert len(repo.list_events(job.id)) == 5
+
+
+# --------------------------------------------------------------------------- events
+def test_list_events_after_seq_and_limit(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    repo.append_output(job.id, [out(f"{i}\n") for i in range(5)], 1)
+    repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    seqs = [e.seq for e in repo.list_events(job.id)]
+    assert seqs == list(range(1, 9))
+    assert [e.seq for e in repo.list_events(job.id, after_seq=5)] == [6, 7, 8]
+    assert [e.seq for e in repo.list_events(job.id, after_seq=2, limit=2)] == [3, 4]
+    assert repo.list_events(job.id, after_seq=8) == []
+    assert repo.last_event_seq(job.id) == 8
+    assert repo.last_event_seq(str(uuid.uuid4())) == 0
+    assert all(is_aware_utc(e.created_at) for e in repo.list_events(job.id))
+
+
+def test_poll_events_cursor_semantics(repo: Repository, user: User) -> None:
+    early = repo.create_job(user.id, b"zip", None)
+    events, cursor = repo.poll_events(None)
+    assert events == []
+    assert repo.poll_events(cursor) == ([], cursor)
+    a = repo.create_job(user.id, b"zip", None)
+    b = repo.create_job(user.id, b"zip", None)
+    repo.request_cancel(a.id, user.id)
+    events, cursor2 = repo.poll_events(cursor)
+    assert [(e.job_id, e.seq, e.kind) for e in events] == [
+        (a.id, 1, EventKind.STATUS), (b.id, 1, EventKind.STATUS), (a.id, 2, EventKind.END)]
+    assert cursor2 > cursor
+    assert repo.poll_events(cursor2) == ([], cursor2)
+    everything, _ = repo.poll_events(0)
+    assert [(e.job_id, e.seq) for e in everything][0] == (early.id, 1)
+    assert len(everything) == 4
+
+
+def test_poll_events_returns_bounded_batches(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    _, cursor = repo.poll_events(None)
+    repo.append_output(job.id, [out(".")] * 6000, 1)
+    seen: list[int] = []
+    while True:
+        events, cursor = repo.poll_events(cursor)
+        if not events:
+            break
+        assert len(events) <= 5000
+        seen.extend(e.seq for e in events)
+    assert seen == list(range(3, 6003))
