@@ -29,8 +29,9 @@ class Repository(Protocol):
         """A cheap value that differs after any other client committed a change.
 
         Pollers (the controller's wake-up, the server's relay) call it every few milliseconds
-        and do real queries only when it moved. SQLite: PRAGMA data_version (plus a local
-        counter for this connection's own writes); PostgreSQL would use LISTEN/NOTIFY.
+        and do real queries only when it moved. SQLite: PRAGMA data_version read on one
+        dedicated connection that never writes (so tokens from any thread are comparable),
+        plus a counter of this process's own commits; PostgreSQL would use LISTEN/NOTIFY.
         """
 
     # ----------------------------------------------------------------- users
