@@ -1,0 +1,76 @@
+"""The FastAPI application: `create_app(settings, repository)`, and `app` for uvicorn.
+
+    uvicorn ci_server.app:app      # settings from CI_* variables, the SQLite repository
+
+Importing this module opens nothing: the repository is opened and the event relay started in
+the app's lifespan, and both are closed again when it ends. Replicas share no state but the
+database, so any number of them can run side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from ci_common.repository import Repository
+from ci_common.settings import Settings
+from ci_persistence import open_repository
+from ci_server.errors import install_error_handlers
+from ci_server.ratelimit import FailureLimiter
+from ci_server.relay import EventRelay
+from ci_server.routes import router
+from ci_server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+TITLE = "CI service"
+DESCRIPTION = (
+    "Run a Python project's tests in a fresh container and stream the output live. "
+    "Every endpoint but /health needs `Authorization: Bearer <API key>`; errors are "
+    '`{"detail": "<one line>"}`.'
+)
+
+
+def create_app(settings: Settings, repository: Repository) -> FastAPI:
+    """An app serving `repository`; the caller owns the repository and closes it."""
+    return build_app(settings, lambda: repository, owns_repository=False)
+
+
+def build_app(settings: Settings, open_repo: Callable[[], Repository],
+              owns_repository: bool) -> FastAPI:
+    """An app that calls `open_repo` when its lifespan starts (and closes it if it owns it)."""
+    state = ServerState(settings=settings,
+                        limiter=FailureLimiter(settings.auth_failures_per_minute))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        repository = await run_in_threadpool(open_repo)
+        relay = EventRelay(repository, settings.event_poll_interval_s)
+        try:
+            await relay.start()
+            state.repository, state.relay = repository, relay
+            yield
+        finally:
+            state.repository, state.relay = None, None
+            await relay.stop()
+            if owns_repository:
+                repository.close()
+
+    app = FastAPI(title=TITLE, description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.ci = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app uvicorn serves: settings from the environment, the default repository."""
+    settings = Settings.from_env()
+    return build_app(settings, lambda: open_repository(settings), owns_repository=True)
+
+
+app = app_from_env()

@@ -1,0 +1,158 @@
+"""The HTTP endpoints (see docs/DESIGN.md): thin wrappers over the repository and the relay.
+
+Blocking repository calls run in the threadpool: sync endpoints and dependencies are run there
+by FastAPI, async ones hand their calls over with run_in_threadpool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from ci_common.models import Job
+from ci_common.repository import Repository
+from ci_common.wire import ErrorBody, JobCreated, JobList, JobView
+from ci_server.archive import ArchiveLimits, validate_archive
+from ci_server.auth import CurrentUser
+from ci_server.events import ResumePoint, Since, resume_point, stream_events
+from ci_server.relay import EventRelay, Subscription
+from ci_server.state import get_relay, get_repository, get_settings
+from ci_server.upload import SUBMISSION_OPENAPI, read_submission
+
+MAX_PAGE = 500
+
+
+def error(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+def json_errors(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """The same error responses, spelled out as JSON for a route whose own media type is not.
+
+    FastAPI would document a `model` under the route's media type (text/event-stream), but
+    errors are answered before the stream starts, as JSON.
+    """
+    ref = {"$ref": "#/components/schemas/ErrorBody"}  # registered by the other routes
+    return {code: {"description": spec["description"],
+                   "content": {"application/json": {"schema": ref}}}
+            for code, spec in responses.items()}
+
+
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: error("missing, malformed, unknown or revoked API key, or deactivated user"),
+    422: error("a parameter is not valid"),
+    429: error("too many bad API keys from this address; see Retry-After"),
+}
+JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_ERRORS,
+    404: error("no such job, or another user's job"),
+}
+
+RepositoryDep = Annotated[Repository, Depends(get_repository)]
+router = APIRouter()
+
+
+def owned_job(job_id: str, user: CurrentUser, repository: RepositoryDep) -> Job:
+    """The caller's job; another user's job is a 404 exactly like a missing one."""
+    return repository.get_job(job_id, user_id=user.id)
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]
+
+
+@router.get("/health", tags=["service"], summary="Liveness check (no authentication)")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobCreated,
+    tags=["jobs"],
+    summary="Submit a zip of a project to run its tests",
+    openapi_extra=SUBMISSION_OPENAPI,
+    responses={**AUTH_ERRORS,
+               400: error("not a safe zip of a project (src/, tests/, requirements.txt)"),
+               413: error("the archive is over the upload limit")},
+)
+async def submit_job(request: Request, user: CurrentUser, repository: RepositoryDep) -> JobCreated:
+    settings = get_settings(request)
+    submission = await read_submission(request, settings.max_upload_bytes)
+    await run_in_threadpool(validate_archive, submission.archive,
+                            ArchiveLimits.from_settings(settings))
+    job = await run_in_threadpool(repository.create_job, user.id, submission.archive,
+                                  submission.timeout_seconds)
+    return JobCreated(id=job.id, status=job.status)
+
+
+@router.get("/jobs", response_model=JobList, tags=["jobs"],
+            summary="The caller's jobs, newest first", responses=AUTH_ERRORS)
+def list_jobs(
+    user: CurrentUser,
+    repository: RepositoryDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    jobs = repository.list_jobs(user.id, limit=limit, offset=offset)
+    return JobList(jobs=[JobView.from_job(job) for job in jobs],
+                   total=repository.count_jobs(user.id), limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="One job",
+            responses=JOB_ERRORS)
+def get_job(job: OwnedJob) -> JobView:
+    return JobView.from_job(job)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobView, tags=["jobs"],
+             summary="Ask for a job to be cancelled", responses=JOB_ERRORS)
+def cancel_job(job_id: str, user: CurrentUser, repository: RepositoryDep) -> JobView:
+    return JobView.from_job(repository.request_cancel(job_id, user.id))
+
+
+def resume(
+    since: Annotated[Since, Query(description="where to start without Last-Event-ID")] =
+    Since.START,
+    last_event_id: Annotated[str | None, Header(
+        description="resume after this event id (wins over `since`)")] = None,
+) -> ResumePoint:
+    return resume_point(since, last_event_id)
+
+
+async def job_subscription(job: OwnedJob, relay: Annotated[EventRelay, Depends(get_relay)],
+                           ) -> AsyncIterator[Subscription]:
+    """The stream's relay subscription, removed when the request ends, however it ends.
+
+    A dependency, not a `finally` in the generator: when a client disconnects while the
+    generator is suspended at a `yield`, FastAPI cancels the producer without closing the
+    generator, and its `finally` would wait for the garbage collector.
+    """
+    with relay.subscribe(job.id) as subscription:
+        yield subscription
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
+    tags=["jobs"],
+    summary="Stream a job's events (status, output, end) as Server-Sent Events",
+    description="Every event has `id: <seq>`; the stream closes after the `end` event, which a "
+                "finished job always sends, even to a client that has seen everything else.",
+    responses=json_errors({**JOB_ERRORS, 400: error("Last-Event-ID is not an event id")}),
+)
+async def job_events(
+    request: Request,
+    # Ownership first: another user's job is a 404 whatever else is wrong with the request.
+    subscription: Annotated[Subscription, Depends(job_subscription)],
+    start: Annotated[ResumePoint, Depends(resume)],
+    repository: RepositoryDep,
+    relay: Annotated[EventRelay, Depends(get_relay)],
+) -> AsyncIterator[ServerSentEvent]:
+    keepalive_s = get_settings(request).sse_keepalive_s
+    async for event in stream_events(repository, relay, subscription, start, keepalive_s):
+        yield event

@@ -1,0 +1,123 @@
+"""Reading a job submission (multipart: `archive` file, optional `timeout`) within the size limit.
+
+The limit is enforced twice: a declared Content-Length over it is refused before any byte is
+read, and the body is counted while it streams in, because the header may be absent or lie.
+Routes call this after authentication, so an anonymous client cannot make the server buffer
+a large body.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.types import Message, Receive
+
+from ci_common.errors import InvalidInput, TooLarge
+from ci_common.settings import format_size
+
+ARCHIVE_FIELD = "archive"
+TIMEOUT_FIELD = "timeout"
+# Room for the multipart boundaries, part headers and the timeout field around the archive.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_FORM_FIELDS = 8
+MAX_FIELD_BYTES = 1024
+
+# What /docs shows for POST /jobs (the body is parsed by hand, after authentication).
+SUBMISSION_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": [ARCHIVE_FIELD],
+            "properties": {
+                ARCHIVE_FIELD: {"type": "string", "format": "binary",
+                                "description": "zip of the project root: src/, tests/, "
+                                               "requirements.txt"},
+                TIMEOUT_FIELD: {"type": "number", "exclusiveMinimum": 0,
+                                "description": "seconds the job may run (default: the "
+                                               "server's CI_JOB_TIMEOUT)"},
+            },
+        }}},
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A parsed upload: the archive's bytes and the requested timeout, if any."""
+
+    archive: bytes
+    timeout_seconds: float | None
+
+
+def too_large_message(size: int, limit: int) -> str:
+    return f"archive is {format_size(size)}, over the {format_size(limit)} limit"
+
+
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    """Refuse up front when Content-Length already says the body is over the limit."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise InvalidInput("Content-Length is not a number") from None
+    if declared > limit + MULTIPART_OVERHEAD_BYTES:
+        raise TooLarge(too_large_message(declared, limit))
+
+
+class CountingReceive:
+    """Wraps an ASGI receive and raises TooLarge once the body grows past the budget."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.received = 0
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self._limit + MULTIPART_OVERHEAD_BYTES:
+                raise TooLarge(f"archive is over the {format_size(self._limit)} limit")
+        return message
+
+
+def parse_timeout(raw: str | None) -> float | None:
+    """The optional `timeout` form field: a positive number of seconds."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        shown = raw.strip()[:40]
+        raise InvalidInput(f"timeout must be a positive number of seconds, not {shown!r}")
+    return value
+
+
+async def read_submission(request: Request, max_upload_bytes: int) -> Submission:
+    """Parse the multipart body, counting bytes as they arrive; raise TooLarge or InvalidInput."""
+    check_declared_length(request.headers.get("content-length"), max_upload_bytes)
+    counted = Request(request.scope, CountingReceive(request.receive, max_upload_bytes))
+    form = await counted.form(max_files=1, max_fields=MAX_FORM_FIELDS,
+                              max_part_size=MAX_FIELD_BYTES)
+    try:
+        upload = form.get(ARCHIVE_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput(f"missing file field '{ARCHIVE_FIELD}' (a zip of the project)")
+        archive = await upload.read()
+        timeout = form.get(TIMEOUT_FIELD)
+        if timeout is not None and not isinstance(timeout, str):
+            raise InvalidInput(f"'{TIMEOUT_FIELD}' must be a form field, not a file")
+        timeout_seconds = parse_timeout(timeout)
+    finally:
+        await form.close()
+    if len(archive) > max_upload_bytes:
+        raise TooLarge(too_large_message(len(archive), max_upload_bytes))
+    return Submission(archive=archive, timeout_seconds=timeout_seconds)
