@@ -1,0 +1,166 @@
+"""Stream one container's output into the repository: a reader thread and a writer thread.
+
+The reader turns raw chunks into frames as they arrive and queues the ones not yet stored.
+The writer blocks for the first queued frame, then takes whatever else is queued and stores it
+in ONE `append_output` call. An idle job's line is therefore written within milliseconds, and
+under heavy output the batches grow by themselves while the previous transaction runs: no timer,
+no transaction per line.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from ci_common.repository import Repository
+from ci_controller.framing import KIND_PHASE, Frame, FrameParser, is_new, to_chunks
+from ci_controller.outcome import is_final_phase
+from ci_controller.runtime import OutputFollow
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_CHARS = 1024 * 1024  # keeps one transaction short even when a backlog piled up
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+JOIN_S = 10.0  # how long stopping waits for the writer to store what it holds
+
+_END = object()  # queued after the last frame
+
+
+class OutputFollower:
+    """Follows one job's container output and stores new frames; see the module docstring."""
+
+    def __init__(self, job_id: str, stream: OutputFollow, repository: Repository,
+                 stored_through: int, keep_bytes: int | None) -> None:
+        self.job_id = job_id
+        self._stream = stream
+        self._repository = repository
+        self._stored_through = stored_through  # frames up to here are already stored
+        self._cursor = stored_through
+        self._keep_bytes = keep_bytes
+        self._queue: queue.SimpleQueue[Frame | object] = queue.SimpleQueue()
+        self._phases: list[str] = []
+        self._lock = threading.Lock()
+        self._settled = threading.Event()  # the stream ended or the runner's last word arrived
+        self._abandon = threading.Event()  # stop retrying failed writes
+        self._detaching = threading.Event()  # the output goes on; we just stop following it
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"read-{job_id[:8]}")
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name=f"write-{job_id[:8]}")
+        self.frames_read = 0
+        self.writes = 0
+
+    @property
+    def phases(self) -> list[str]:
+        """The runner's phase frames seen so far (all of them, stored or not)."""
+        with self._lock:
+            return list(self._phases)
+
+    @property
+    def cursor(self) -> int:
+        """The last frame number stored by this follower (or before it)."""
+        return self._cursor
+
+    def start(self) -> None:
+        with self._lock:
+            self._reader.start()
+            self._writer.start()
+
+    # ------------------------------------------------------------------ reader
+    def _read(self) -> None:
+        parser = FrameParser()
+        try:
+            for chunk in self._stream:
+                self._handle(parser.feed(chunk))
+            # A partial last line is the end of the output only when the output is over; on a
+            # detach it is the start of a frame the next controller reads whole.
+            if not self._detaching.is_set():
+                self._handle(parser.finish())
+        except Exception:
+            log.exception("job %s: reading the container output failed", self.job_id)
+        finally:
+            self._queue.put(_END)
+            self._settled.set()
+
+    def _handle(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self.frames_read += 1
+            if frame.kind == KIND_PHASE:
+                with self._lock:
+                    self._phases.append(frame.text)
+                if is_final_phase(frame.text):
+                    self._settled.set()
+            elif is_new(frame, self._stored_through):
+                self._queue.put(frame)
+
+    # ------------------------------------------------------------------ writer
+    def _write_loop(self) -> None:
+        done = False
+        while not done:
+            first = self._queue.get()
+            batch: list[Frame] = []
+            size = 0
+            item: Frame | object = first
+            while True:
+                if item is _END:
+                    done = True
+                    break
+                assert isinstance(item, Frame)
+                batch.append(item)
+                size += len(item.text)
+                if size >= MAX_BATCH_CHARS:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._store(batch)
+
+    def _store(self, frames: list[Frame]) -> None:
+        chunks = to_chunks(frames)
+        cursor = max(self._cursor, max(frame.number for frame in frames))
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                self._repository.append_output(self.job_id, chunks, log_cursor=cursor,
+                                               keep_bytes=self._keep_bytes)
+                self._cursor = cursor
+                self.writes += 1
+                return
+            except Exception as exc:
+                if self._abandon.is_set():
+                    log.error("job %s: gave up storing %d output frames: %s", self.job_id,
+                              len(frames), exc)
+                    return
+                if delay == RETRY_FIRST_S:
+                    log.warning("job %s: storing output failed (%s); retrying", self.job_id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    # ------------------------------------------------------------------ stopping
+    def finish(self, drain_s: float) -> None:
+        """After the container exited: read what is left (up to drain_s), store it, stop."""
+        # A followed log stream may outlive its container: stop at the runner's last word, or
+        # after a short drain when there is none (the container was killed).
+        self._settled.wait(drain_s)
+        self._stop()
+
+    def detach(self) -> None:
+        """Stop following now (warm stop); what was read is still stored."""
+        self._detaching.set()
+        self._stop()
+
+    def _stop(self) -> None:
+        self._stream.close()
+        with self._lock:
+            if self._reader.ident is None:  # never started: nothing to wait for
+                return
+        self._reader.join(JOIN_S)
+        self._writer.join(JOIN_S)
+        if self._writer.is_alive():
+            self._abandon.set()
+            self._writer.join(JOIN_S)

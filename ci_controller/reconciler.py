@@ -1,0 +1,258 @@
+"""The controller: reconciles this controller's job rows with its containers.
+
+`run_once()` compares the jobs this controller owns with the containers carrying its label:
+it forwards cancel requests, adopts containers nobody follows (after a restart), restarts
+claimed jobs whose container never started, fails running jobs whose container is gone, removes
+containers of finished jobs, and claims queued jobs while fewer than `max_concurrent_jobs` run.
+Each job in flight is owned by a `JobSupervisor` thread.
+
+`run_forever(stop)` calls it whenever the repository's change token moves (polled every few tens
+of milliseconds, so a new job starts well under a second after submission) and at least every
+`reconcile_interval_s`. Stopping is warm: no new claims, running containers are left alone and
+adopted by the next controller with this id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from ci_common.errors import CIError, RuntimeUnavailable
+from ci_common.models import Job, JobOutcome, JobStatus, utcnow
+from ci_common.repository import Repository
+from ci_common.settings import Settings
+from ci_controller.outcome import REASON_CONTAINER_LOST, cancelled_before_start
+from ci_controller.runtime import ContainerRuntime, ContainerState, ContainerStatus
+from ci_controller.spec import LABEL_JOB_ID, controller_labels
+from ci_controller.supervisor import JobSupervisor, describe
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.02  # change-token poll period: cheap, and bounds the claim latency of a new job
+RETRY_AFTER_ERROR_S = 5.0  # a job whose supervisor crashed is left alone this long
+ENGINE_RETRY_MIN_S = 2.0  # first retry window after the engine stopped answering
+ENGINE_RETRY_MAX_S = 60.0
+
+
+class Controller:
+    """Runs the jobs of one controller id in containers; see the module docstring."""
+
+    def __init__(self, settings: Settings, repository: Repository, runtime: ContainerRuntime,
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock  # monotonic seconds for reconcile and retry windows (tests step it)
+        self.repository = repository
+        self.runtime = runtime
+        self._lock = threading.Lock()
+        self._supervisors: dict[str, JobSupervisor] = {}
+        self._retry_at: dict[str, float] = {}  # job id → when to try adopting it again
+        self._wake = threading.Event()
+        self._next_full = 0.0  # monotonic time of the next full reconcile
+        self._engine_down = False
+        self._engine_retry_s = max(settings.reconcile_interval_s, ENGINE_RETRY_MIN_S)
+        self._engine_retry_at = 0.0
+        self._stopping = False
+        # claim → container started, for the most recent fresh starts (tests, diagnostics)
+        self.start_latencies_s: deque[float] = deque(maxlen=100)
+
+    # ------------------------------------------------------------------ public
+    def active_jobs(self) -> int:
+        """Jobs being started, run or adopted by this controller right now."""
+        with self._lock:
+            return len(self._supervisors)
+
+    def run_once(self) -> bool:
+        """One reconcile pass; True when it changed something (claimed, adopted, finished...)."""
+        if self._stopping:
+            return False
+        did_work = False
+        # Snapshot first: a job listed below without a supervisor here truly had none.
+        with self._lock:
+            attached = dict(self._supervisors)
+        jobs = self.repository.list_controller_jobs(self.settings.controller_id)
+        for job in jobs:
+            supervisor = attached.get(job.id)
+            if supervisor is not None and job.cancel_requested and not supervisor.cancelling:
+                supervisor.cancel()
+                did_work = True
+        now = self._clock()
+        unattached = [job for job in jobs
+                      if job.id not in attached and self._retry_at.get(job.id, 0.0) <= now]
+        full = now >= self._next_full
+        if unattached or full:
+            if self._engine_down and now < self._engine_retry_at:
+                return did_work
+            try:
+                containers = self.runtime.list(controller_labels(self.settings))
+            except RuntimeUnavailable as exc:
+                self.note_engine_down(exc)
+                return did_work
+            self._note_engine_up()
+            self._next_full = now + self.settings.reconcile_interval_s
+            by_job = {c.labels.get(LABEL_JOB_ID, ""): c for c in containers}
+            for job in unattached:
+                try:
+                    did_work = self._recover(job, by_job.get(job.id)) or did_work
+                except RuntimeUnavailable as exc:
+                    self.note_engine_down(exc)
+                    return did_work
+                except CIError as exc:
+                    log.warning("job %s: could not take it over: %s", job.id, exc.message)
+                    self._retry_at[job.id] = now + RETRY_AFTER_ERROR_S
+            if full:
+                did_work = self._sweep(containers, {job.id for job in jobs}) or did_work
+        return self._claim() or did_work
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Reconcile until `stop` is set, then stop warmly (see the module docstring)."""
+        log.info("controller %s: running up to %d jobs in %s", self.settings.controller_id,
+                 self.settings.max_concurrent_jobs, self.settings.runner_image)
+        token: int | None = None
+        failing = False
+        try:
+            while not stop.is_set():
+                try:
+                    current = self.repository.change_token()
+                    if (current != token or self._wake.is_set()
+                            or self._clock() >= self._next_full):
+                        token = current
+                        self._wake.clear()
+                        self.run_once()
+                    failing = False
+                except Exception as exc:  # the database may be busy or gone for a while
+                    if not failing:
+                        message = exc.message if isinstance(exc, CIError) else str(exc)
+                        log.error("controller: reconcile failed: %s", message)
+                        log.debug("reconcile failure", exc_info=True)
+                    failing = True
+                    stop.wait(self.settings.reconcile_interval_s)
+                self._wake.wait(POLL_S)
+        finally:
+            self.detach()
+            log.info("controller %s: stopped; running containers are left to the next start",
+                     self.settings.controller_id)
+
+    def detach(self) -> None:
+        """Warm stop: claim nothing more, store output read so far, leave containers running."""
+        self._stopping = True
+        with self._lock:
+            supervisors = list(self._supervisors.values())
+        for supervisor in supervisors:
+            supervisor.detach()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no job is in flight (tests, shutdown); True when none is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                supervisors = list(self._supervisors.values())
+            if not supervisors:
+                return True
+            for supervisor in supervisors:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if not supervisor.join(left):
+                    return False
+
+    def note_engine_down(self, exc: RuntimeUnavailable) -> None:
+        """Stop claiming until the engine answers; one error line per retry window."""
+        now = self._clock()
+        with self._lock:
+            if self._engine_down and now < self._engine_retry_at:
+                return
+            if self._engine_down:
+                self._engine_retry_s = min(self._engine_retry_s * 2, ENGINE_RETRY_MAX_S)
+            self._engine_down = True
+            self._engine_retry_at = now + self._engine_retry_s
+            self._next_full = self._engine_retry_at  # no engine calls until then
+            retry_s = self._engine_retry_s
+        log.error("container engine unavailable: %s; queued jobs stay queued, retrying in %.0f s",
+                  exc.message, retry_s)
+
+    # ------------------------------------------------------------------ reconcile steps
+    def _note_engine_up(self) -> None:
+        with self._lock:
+            was_down = self._engine_down
+            self._engine_down = False
+            self._engine_retry_s = max(self.settings.reconcile_interval_s, ENGINE_RETRY_MIN_S)
+        if was_down:
+            log.info("container engine is available again")
+
+    def _claim(self) -> bool:
+        claimed = False
+        while not self._stopping and not self._engine_down:
+            if self.active_jobs() >= self.settings.max_concurrent_jobs:
+                break
+            # A read first: claiming is a write transaction, and this runs on every change.
+            if self.repository.count_queued_jobs() == 0:
+                break
+            job = self.repository.claim_next_job(self.settings.controller_id)
+            if job is None:
+                break
+            log.info("job %s: claimed", job.id)
+            self._spawn(job)
+            claimed = True
+        return claimed
+
+    def _recover(self, job: Job, container: ContainerState | None) -> bool:
+        """Take charge of a job of ours that no supervisor follows (after a restart)."""
+        started = container is not None and container.status is not ContainerStatus.CREATED
+        if started:
+            assert container is not None
+            self._spawn(job, container_id=container.id)
+            return True
+        if container is not None:  # created, never started: it never ran
+            self.runtime.remove(container.id)
+        if job.cancel_requested:
+            self.repository.finish_job(job.id, cancelled_before_start(), utcnow())
+            log.info("job %s: finished: %s", job.id, describe(cancelled_before_start()))
+        elif job.status is JobStatus.QUEUED:
+            log.info("job %s: claimed but never started; starting it now", job.id)
+            self._spawn(job)
+        else:
+            outcome = self._lost()
+            self.repository.finish_job(job.id, outcome, utcnow())
+            log.info("job %s: lost: its container is gone; finished: %s", job.id,
+                     describe(outcome))
+        return True
+
+    @staticmethod
+    def _lost() -> JobOutcome:
+        return JobOutcome(status=JobStatus.FAILED, exit_code=None, success=False,
+                          reason=REASON_CONTAINER_LOST)
+
+    def _sweep(self, containers: list[ContainerState], live_job_ids: set[str]) -> bool:
+        """Remove containers of ours whose job is finished (or unknown) and nobody follows."""
+        removed = False
+        for container in containers:
+            job_id = container.labels.get(LABEL_JOB_ID, "")
+            with self._lock:
+                followed = job_id in self._supervisors
+            if job_id in live_job_ids or followed:
+                continue
+            log.info("removing container %s of finished job %s", container.id[:12], job_id)
+            self.runtime.remove(container.id)
+            removed = True
+        return removed
+
+    def _spawn(self, job: Job, container_id: str | None = None) -> None:
+        supervisor = JobSupervisor(self.settings, self.repository, self.runtime, job,
+                                   container_id=container_id, on_done=self._supervisor_done,
+                                   on_engine_down=self.note_engine_down,
+                                   claimed_at=time.monotonic())
+        with self._lock:
+            self._supervisors[job.id] = supervisor
+        self._retry_at.pop(job.id, None)
+        supervisor.start()
+
+    def _supervisor_done(self, supervisor: JobSupervisor) -> None:
+        with self._lock:
+            if self._supervisors.get(supervisor.job_id) is supervisor:
+                del self._supervisors[supervisor.job_id]
+            if supervisor.start_latency_s is not None:
+                self.start_latencies_s.append(supervisor.start_latency_s)
+            if not supervisor.job.status.is_terminal:
+                self._retry_at[supervisor.job_id] = self._clock() + RETRY_AFTER_ERROR_S
+        self._wake.set()

@@ -1,0 +1,294 @@
+"""Run one job inside its container: unpack the project, install its requirements, run pytest.
+
+Standalone and stdlib-only (Python 3.8+): the controller copies this file into the container
+next to the job's `source.zip` and runs it as the container's command. Everything it reports
+goes to its stdout as FRAMES, one JSON array per line:
+
+    [frame_no, "stdout" | "stderr" | "phase", text]
+
+`frame_no` counts from 1, so a controller that re-reads the output after a crash skips exactly
+the frames it already stored. stdout/stderr frames carry the children's output, decoded with an
+incremental UTF-8 decoder per stream (invalid bytes become U+FFFD), at most READ_CHUNK bytes of
+input each, newlines included and never waited for. Phase frames say how the run went; the
+last one is one of:
+
+    invalid archive: <reason>        exit 101
+    install failed (exit <N>)        exit 100
+    tests exited <N>                 exit N (pytest's exit code)
+    terminated                       exit 143 (SIGTERM: the job was cancelled)
+    runner error: <message>          exit 102
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import json
+import os
+import selectors
+import signal
+import stat
+import subprocess
+import sys
+import time
+import traceback
+import zipfile
+import zlib
+from typing import Any
+
+STDOUT = "stdout"
+STDERR = "stderr"
+PHASE = "phase"
+
+READ_CHUNK = 64 * 1024  # bytes read from a child pipe at a time: the most one frame carries
+COPY_BLOCK = 64 * 1024
+LINGER_S = 1.0  # after a child exits, how long its leftover processes may keep writing
+
+EXIT_INSTALL_FAILED = 100
+EXIT_INVALID_ARCHIVE = 101
+EXIT_RUNNER_ERROR = 102
+EXIT_TERMINATED = 143
+
+PIP_FLAGS = ["--no-input", "--progress-bar", "off"]
+PYTEST_ARGS = ["-v", "-p", "no:cacheprovider"]
+
+
+class InvalidArchive(Exception):
+    """The archive is not a safe zip of a project; the message is the reason."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop the children and exit."""
+
+
+class Emitter:
+    """Writes numbered frames to a file descriptor, one line each."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        self.number = 0
+
+    def emit(self, kind: str, text: str) -> None:
+        self.number += 1
+        line = json.dumps([self.number, kind, text], ensure_ascii=False) + "\n"
+        data = line.encode("utf-8", "replace")
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    def phase(self, text: str) -> None:
+        self.emit(PHASE, text)
+
+
+# ----------------------------------------------------------------------------- unpacking
+def safe_relative_parts(name: str) -> list[str]:
+    """The path parts of a zip entry name, refusing absolute paths and `..`."""
+    normalized = name.replace("\\", "/")
+    if normalized.startswith("/") or (len(normalized) > 1 and normalized[1] == ":"):
+        raise InvalidArchive("absolute path in archive: " + name)
+    parts = [part for part in normalized.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise InvalidArchive("path escapes the project: " + name)
+    return parts
+
+
+def unpack(archive: str, dest: str, max_bytes: int, max_entries: int) -> int:
+    """Extract the zip into dest safely; returns the bytes written. Raises InvalidArchive."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InvalidArchive("not a zip file (" + str(exc) + ")") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > max_entries:
+            raise InvalidArchive(f"more than {max_entries} entries")
+        written = 0
+        os.makedirs(dest, exist_ok=True)
+        for info in infos:
+            parts = safe_relative_parts(info.filename)
+            if not parts:
+                continue
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise InvalidArchive("symbolic link in archive: " + info.filename)
+            target = os.path.join(dest, *parts)
+            try:
+                if info.is_dir():
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                written = _copy_entry(zf, info, target, written, max_bytes)
+            except InvalidArchive:
+                raise
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError,
+                    zlib.error, OSError, ValueError) as exc:
+                raise InvalidArchive("cannot extract " + info.filename + ": " + str(exc)) from None
+        return written
+
+
+def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: str, written: int,
+                max_bytes: int) -> int:
+    # Header sizes can lie (zip bombs): count what the decompressor really produces.
+    with zf.open(info) as source, open(target, "wb") as sink:
+        while True:
+            block = source.read(COPY_BLOCK)
+            if not block:
+                return written
+            written += len(block)
+            if written > max_bytes:
+                raise InvalidArchive(f"unpacks to more than {max_bytes} bytes")
+            sink.write(block)
+
+
+# ----------------------------------------------------------------------------- children
+class Runner:
+    """Runs child processes one at a time, streaming their output as frames."""
+
+    def __init__(self, emitter: Emitter) -> None:
+        self.emitter = emitter
+        self.child: subprocess.Popen[bytes] | None = None
+        self.terminated = False
+
+    def on_sigterm(self, signum: int, frame: Any) -> None:
+        self.terminated = True
+        self._signal_children(signal.SIGTERM)
+
+    def _signal_children(self, signum: int) -> None:
+        child = self.child
+        if child is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signum)
+
+    def run(self, command: list[str], cwd: str, env: dict[str, str] | None = None) -> int:
+        """Run command with its output framed; returns its exit code (negative: signal)."""
+        if self.terminated:
+            raise Terminated()
+        # Its own session: SIGTERM and the final cleanup reach every process it started.
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+        self.child = child
+        if self.terminated:  # SIGTERM landed between the check above and this line
+            self._signal_children(signal.SIGTERM)
+        try:
+            self._pump(child)
+            return child.wait()
+        finally:
+            self._signal_children(signal.SIGKILL)  # leftovers of a finished child
+            self.child = None
+            if self.terminated:
+                raise Terminated()
+
+    def _pump(self, child: subprocess.Popen[bytes]) -> None:
+        selector = selectors.DefaultSelector()
+        decoders: dict[str, codecs.IncrementalDecoder] = {}
+        assert child.stdout is not None and child.stderr is not None
+        for name, pipe in ((STDOUT, child.stdout), (STDERR, child.stderr)):
+            selector.register(pipe.fileno(), selectors.EVENT_READ, name)
+            decoders[name] = codecs.getincrementaldecoder("utf-8")("replace")
+        exited_at: float | None = None
+        try:
+            while selector.get_map():
+                # A grandchild may hold the pipes open after the child exited: give it a moment.
+                if exited_at is None and child.poll() is not None:
+                    exited_at = time.monotonic()
+                if exited_at is not None and time.monotonic() - exited_at > LINGER_S:
+                    break
+                for key, _ in selector.select(timeout=0.1):
+                    data = os.read(key.fd, READ_CHUNK)
+                    if not data:
+                        selector.unregister(key.fd)
+                        text = decoders[key.data].decode(b"", final=True)
+                    else:
+                        text = decoders[key.data].decode(data)
+                    if text:
+                        self.emitter.emit(key.data, text)
+        finally:
+            selector.close()
+            child.stdout.close()
+            child.stderr.close()
+
+
+def has_requirements(path: str) -> bool:
+    """Whether requirements.txt names anything to install (not only blanks and comments)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return any(line.strip() and not line.strip().startswith("#") for line in handle)
+
+
+def pytest_missing(cwd: str) -> bool:
+    """Whether pytest cannot be imported (the project did not ask for it)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytest') is None)"
+    return subprocess.call([sys.executable, "-c", probe], cwd=cwd,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) != 0
+
+
+def test_environment(workdir: str) -> dict[str, str]:
+    """The environment for pytest: src/ importable as in a src-layout project."""
+    env = dict(os.environ)
+    src = os.path.join(workdir, "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
+    """Unpack, install, test; returns the exit code of the container."""
+    try:
+        unpack(args.archive, args.workdir, args.max_bytes, args.max_entries)
+        requirements = os.path.join(args.workdir, "requirements.txt")
+        if not os.path.isfile(requirements):
+            raise InvalidArchive("requirements.txt is missing")
+    except InvalidArchive as exc:
+        emitter.phase("invalid archive: " + str(exc))
+        return EXIT_INVALID_ARCHIVE
+    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
+    emitter.phase("install started")
+    if has_requirements(requirements):
+        code = runner.run(pip + ["-r", "requirements.txt"], cwd=args.workdir)
+        if code != 0:
+            emitter.phase(f"install failed (exit {code})")
+            return EXIT_INSTALL_FAILED
+    if pytest_missing(args.workdir):
+        code = runner.run(pip + ["pytest"], cwd=args.workdir)
+        if code != 0:
+            emitter.phase(f"install failed (exit {code})")
+            return EXIT_INSTALL_FAILED
+    emitter.phase("tests started")
+    code = runner.run([sys.executable, "-m", "pytest"] + PYTEST_ARGS, cwd=args.workdir,
+                      env=test_environment(args.workdir))
+    emitter.phase(f"tests exited {code}")
+    return code if 0 <= code <= 255 else 128 + (-code % 128)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run a CI job inside its container.")
+    parser.add_argument("--archive", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--max-bytes", type=int, required=True)
+    parser.add_argument("--max-entries", type=int, required=True)
+    args = parser.parse_args(argv)
+    args.workdir = os.path.abspath(args.workdir)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Anything the runner itself prints (a traceback) lands on stdout, between frames, where
+    # the controller passes it through as unframed text.
+    os.dup2(1, 2)
+    emitter = Emitter(1)
+    runner = Runner(emitter)
+    signal.signal(signal.SIGTERM, runner.on_sigterm)
+    try:
+        return run_job(args, emitter, runner)
+    except Terminated:
+        emitter.phase("terminated")
+        return EXIT_TERMINATED
+    except Exception as exc:  # the job must end with a phase frame, whatever went wrong
+        emitter.emit(STDERR, traceback.format_exc())
+        emitter.phase(f"runner error: {exc}")
+        return EXIT_RUNNER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

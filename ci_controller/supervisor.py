@@ -1,0 +1,260 @@
+"""One job from claim (or adoption) to finish: a thread that owns the job's container.
+
+Starting: create the container, copy in runner_entry.py and the job's source.zip, start it,
+then mark the job running. Running: follow the output into the repository and wait on the
+container in this one place, killing it at the deadline; a cancel from the controller stops it
+(SIGTERM, SIGKILL after the grace period). Finishing: drain the output, read the exit code and
+OOM flag, record the outcome, remove the container.
+
+A detached supervisor (warm stop of the controller) leaves the container alone: the next
+controller adopts it and resumes the output after the job's log cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from ci_common.errors import CIError, RuntimeUnavailable
+from ci_common.models import Job, JobOutcome, JobStatus, utcnow
+from ci_common.repository import Repository
+from ci_common.settings import Settings
+from ci_controller import runner_entry
+from ci_controller.follower import OutputFollower
+from ci_controller.outcome import RunFacts, cancelled_before_start, decide_outcome, start_failed
+from ci_controller.runtime import ContainerRuntime
+from ci_controller.spec import ARCHIVE_PATH, LABEL_JOB_ID, RUNNER_PATH, job_container_spec
+
+log = logging.getLogger(__name__)
+
+WAIT_SLICE_S = 1.0  # the longest a supervisor is deaf to a detach while waiting on its container
+DRAIN_S = 2.0  # after exit, how long to wait for the rest of a killed container's output
+
+
+def runner_source() -> bytes:
+    """The bytes of runner_entry.py, as copied into every job container."""
+    return Path(runner_entry.__file__).read_bytes()
+
+
+def describe(outcome: JobOutcome) -> str:
+    """`completed (exit 0)`, `failed (timed out)`: one state change for the log."""
+    if outcome.status is JobStatus.COMPLETED:
+        verdict = "passed" if outcome.success else "tests failed"
+        return f"completed (exit {outcome.exit_code}, {verdict})"
+    return f"{outcome.status.value} ({outcome.reason})"
+
+
+class JobSupervisor:
+    """Runs (or adopts) one job's container in a thread until the job is finished."""
+
+    def __init__(self, settings: Settings, repository: Repository, runtime: ContainerRuntime,
+                 job: Job, *, container_id: str | None = None,
+                 on_done: Callable[[JobSupervisor], None] = lambda supervisor: None,
+                 on_engine_down: Callable[[RuntimeUnavailable], None] = lambda exc: None,
+                 claimed_at: float | None = None) -> None:
+        self.job = job
+        self._settings = settings
+        self._repository = repository
+        self._runtime = runtime
+        self._adopting = container_id is not None
+        self._container_id = container_id
+        self._on_done = on_done
+        self._on_engine_down = on_engine_down
+        self._claimed_at = claimed_at if claimed_at is not None else time.monotonic()
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._stop_sent = False
+        self._detached = threading.Event()
+        self._follower: OutputFollower | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"job-{job.id[:8]}")
+        self.start_latency_s: float | None = None  # claim → container started
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancelled
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True when it ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------ requests from outside
+    def cancel(self) -> None:
+        """The user asked: stop the container (SIGTERM, then SIGKILL after the grace period)."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            container_id = self._container_id if not self._stop_sent else None
+            if container_id is not None:
+                self._stop_sent = True
+        log.info("job %s: cancel requested, stopping its container", self.job_id)
+        if container_id is not None:
+            self._stop_in_background(container_id)
+
+    def detach(self) -> None:
+        """Warm stop: store what was read, leave the container running for the next controller."""
+        self._detached.set()
+        follower = self._follower
+        if follower is not None:
+            follower.detach()
+
+    def _stop_in_background(self, container_id: str) -> None:
+        # docker's stop blocks for the whole grace period: never on the controller's loop.
+        def stop() -> None:
+            try:
+                self._runtime.stop(container_id, self._settings.cancel_grace_s)
+            except CIError as exc:
+                log.warning("job %s: stopping the container failed: %s", self.job_id, exc.message)
+
+        threading.Thread(target=stop, daemon=True, name=f"stop-{self.job_id[:8]}").start()
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        try:
+            if self._adopting:
+                self._adopt()
+            else:
+                self._start_fresh()
+        except RuntimeUnavailable as exc:
+            log.warning("job %s: container engine unavailable (%s); the job is resumed when it "
+                        "answers again", self.job_id, exc.message)
+            self._detach_follower()
+            self._on_engine_down(exc)
+        except Exception:
+            log.exception("job %s: supervising the container failed; it will be re-adopted",
+                          self.job_id)
+            self._detach_follower()
+        finally:
+            self._on_done(self)
+
+    def _detach_follower(self) -> None:
+        if self._follower is not None:
+            self._follower.detach()
+
+    def _start_fresh(self) -> None:
+        job = self.job
+        if job.cancel_requested or self._cancelled:
+            self._finish(cancelled_before_start())
+            return
+        container_id: str | None = None
+        try:
+            for leftover in self._runtime.list({LABEL_JOB_ID: job.id}):
+                self._runtime.remove(leftover.id)
+            archive = self._repository.get_archive(job.id)
+            container_id = self._runtime.create(job_container_spec(self._settings, job.id))
+            self._runtime.put_files(container_id, {RUNNER_PATH: runner_source(),
+                                                   ARCHIVE_PATH: archive})
+            self._runtime.start(container_id)
+        except RuntimeUnavailable as exc:
+            self._remove_quietly(container_id)
+            self._repository.release_job(job.id)
+            log.warning("job %s: released back to the queue: %s", job.id, exc.message)
+            self._on_engine_down(exc)
+            return
+        except CIError as exc:
+            self._remove_quietly(container_id)
+            outcome = start_failed(exc.message)
+            self._finish(outcome)
+            return
+        self.start_latency_s = time.monotonic() - self._claimed_at
+        with self._lock:
+            self._container_id = container_id
+            stop_now = self._cancelled and not self._stop_sent
+            self._stop_sent = self._stop_sent or stop_now
+        if stop_now:
+            self._stop_in_background(container_id)
+        self.job = self._repository.mark_running(job.id, container_id, utcnow())
+        log.info("job %s: started in container %s (%.0f ms after claim)", job.id,
+                 container_id[:12], self.start_latency_s * 1000)
+        self._follow(container_id, stored_through=0)
+
+    def _adopt(self) -> None:
+        job = self.job
+        container_id = self._container_id
+        assert container_id is not None
+        if job.status is JobStatus.QUEUED:
+            # It started, but the controller stopped before recording that.
+            self.job = self._repository.mark_running(job.id, container_id, utcnow())
+        log.info("job %s: adopted container %s, resuming after output frame %d", job.id,
+                 container_id[:12], job.log_cursor)
+        if job.cancel_requested:
+            self.cancel()
+        self._follow(container_id, stored_through=job.log_cursor)
+
+    def _deadline(self) -> float:
+        """The monotonic time at which the job times out."""
+        limit = self.job.timeout_seconds or self._settings.job_timeout_s
+        started: datetime = self.job.start_time or utcnow()
+        elapsed = (utcnow() - started).total_seconds()
+        return time.monotonic() + limit - max(elapsed, 0.0)
+
+    def _follow(self, container_id: str, stored_through: int) -> None:
+        follower = OutputFollower(self.job_id, self._runtime.follow_output(container_id),
+                                  self._repository, stored_through,
+                                  self._settings.log_limit_bytes)
+        follower.start()
+        self._follower = follower
+        if self._detached.is_set():  # detach() ran before the follower was there to stop
+            follower.detach()
+            return
+        deadline = self._deadline()
+        timed_out = False
+        while not self._detached.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not timed_out:
+                timed_out = True
+                log.info("job %s: timed out, killing its container", self.job_id)
+                self._runtime.kill(container_id)
+            slice_s = WAIT_SLICE_S if timed_out else min(WAIT_SLICE_S, max(remaining, 0.001))
+            if self._runtime.wait(container_id, slice_s):
+                break
+        if self._detached.is_set():
+            return
+        follower.finish(DRAIN_S)
+        if self._detached.is_set():
+            return
+        state = self._runtime.inspect(container_id)
+        facts = RunFacts(
+            phases=follower.phases,
+            exit_code=state.exit_code if state is not None else None,
+            oom_killed=state.oom_killed if state is not None else False,
+            timed_out=timed_out,
+            cancelled=self._cancelled,
+            container_missing=state is None,
+        )
+        self._finish(decide_outcome(facts))
+        self._remove_quietly(container_id)
+
+    def _finish(self, outcome: JobOutcome) -> None:
+        self.job = self._repository.finish_job(self.job_id, outcome, utcnow())
+        log.info("job %s: finished: %s", self.job_id, describe(self.job_outcome(outcome)))
+
+    def job_outcome(self, fallback: JobOutcome) -> JobOutcome:
+        """The outcome as recorded (the first one wins if someone else finished the job)."""
+        job = self.job
+        if not job.status.is_terminal:
+            return fallback
+        return JobOutcome(status=job.status, exit_code=job.exit_code, success=bool(job.success),
+                          reason=job.reason)
+
+    def _remove_quietly(self, container_id: str | None) -> None:
+        if container_id is None:
+            return
+        try:
+            self._runtime.remove(container_id)
+        except CIError as exc:
+            # The controller's periodic sweep removes containers of finished jobs.
+            log.warning("job %s: could not remove container %s: %s", self.job_id,
+                        container_id[:12], exc.message)

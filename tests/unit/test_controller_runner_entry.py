@@ -1,0 +1,191 @@
+"""runner_entry.py, run for real with this machine's Python: unpacking, framing, exit codes."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ci_controller import runner_entry
+from ci_controller.framing import Frame, FrameParser
+
+RUNNER = Path(runner_entry.__file__)
+
+
+def make_zip(files: dict[str, bytes | str], symlinks: dict[str, str] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return buffer.getvalue()
+
+
+def project(test_body: str, requirements: str = "") -> dict[str, bytes | str]:
+    return {
+        "src/calc.py": "def add(a, b):\n    return a + b\n",
+        "tests/test_calc.py": test_body,
+        "requirements.txt": requirements,
+    }
+
+
+def run_runner(tmp_path: Path, archive: bytes, env: dict[str, str] | None = None,
+               max_bytes: int = 10_000_000, max_entries: int = 100) -> tuple[int, list[Frame]]:
+    (tmp_path / "source.zip").write_bytes(archive)
+    result = subprocess.run(
+        [sys.executable, str(RUNNER), "--archive", str(tmp_path / "source.zip"),
+         "--workdir", str(tmp_path / "work"), "--max-bytes", str(max_bytes),
+         "--max-entries", str(max_entries)],
+        capture_output=True, timeout=120, env={**os.environ, **(env or {})})
+    parser = FrameParser()
+    frames = parser.feed(result.stdout) + parser.finish()
+    return result.returncode, frames
+
+
+def output(frames: list[Frame], kind: str = "stdout") -> str:
+    return "".join(f.text for f in frames if f.kind == kind)
+
+
+def phases(frames: list[Frame]) -> list[str]:
+    return [f.text for f in frames if f.kind == "phase"]
+
+
+# ----------------------------------------------------------------------------- unpacking
+def unpack(tmp_path: Path, archive: bytes, max_bytes: int = 10_000, max_entries: int = 10) -> int:
+    path = tmp_path / "a.zip"
+    path.write_bytes(archive)
+    return runner_entry.unpack(str(path), str(tmp_path / "out"), max_bytes, max_entries)
+
+
+def test_unpack_writes_files_and_counts_bytes(tmp_path: Path) -> None:
+    written = unpack(tmp_path, make_zip({"src/a.py": "x = 1\n", "./b.txt": "bb", "d/": ""}))
+    assert written == 8
+    assert (tmp_path / "out" / "src" / "a.py").read_text() == "x = 1\n"
+    assert (tmp_path / "out" / "b.txt").read_text() == "bb"
+
+
+@pytest.mark.parametrize("name", ["../evil.py", "src/../../evil.py", "/etc/evil", "..\\evil",
+                                  "C:/evil"])
+def test_unpack_refuses_paths_out_of_the_project(tmp_path: Path, name: str) -> None:
+    with pytest.raises(runner_entry.InvalidArchive):
+        unpack(tmp_path, make_zip({name: "x"}))
+    assert not (tmp_path / "evil.py").exists()
+
+
+def test_unpack_refuses_symlinks(tmp_path: Path) -> None:
+    with pytest.raises(runner_entry.InvalidArchive, match="symbolic link"):
+        unpack(tmp_path, make_zip({"a.txt": "a"}, symlinks={"link": "/etc/passwd"}))
+
+
+def test_unpack_caps_entries(tmp_path: Path) -> None:
+    with pytest.raises(runner_entry.InvalidArchive, match="more than 3 entries"):
+        unpack(tmp_path, make_zip({f"f{i}": "x" for i in range(4)}), max_entries=3)
+
+
+def test_unpack_counts_real_bytes_not_header_sizes(tmp_path: Path) -> None:
+    archive = bytearray(make_zip({"bomb.bin": b"\0" * 50_000}))
+    # Lie in both headers: claim the entry is 10 bytes. The cap must still see 50 000.
+    central = archive.rfind(b"PK\x01\x02")
+    archive[central + 24:central + 28] = (10).to_bytes(4, "little")
+    archive[22:26] = (10).to_bytes(4, "little")
+    with pytest.raises(runner_entry.InvalidArchive):
+        unpack(tmp_path, bytes(archive), max_bytes=20_000)
+    with pytest.raises(runner_entry.InvalidArchive, match="more than 20000 bytes"):
+        unpack(tmp_path, make_zip({"bomb.bin": b"\0" * 50_000}), max_bytes=20_000)
+
+
+def test_unpack_refuses_non_zip(tmp_path: Path) -> None:
+    with pytest.raises(runner_entry.InvalidArchive, match="not a zip file"):
+        unpack(tmp_path, b"this is not a zip")
+
+
+# ----------------------------------------------------------------------------- whole runs
+def test_passing_project(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip(project(
+        "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n")))
+    assert code == 0
+    assert phases(frames) == ["install started", "tests started", "tests exited 0"]
+    assert "test_add PASSED" in output(frames)
+    assert [f.number for f in frames] == list(range(1, len(frames) + 1))
+
+
+def test_failing_project_exits_with_pytest_code(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip(project("def test_x():\n    assert False\n")))
+    assert code == 1
+    assert phases(frames)[-1] == "tests exited 1"
+
+
+def test_binary_output_and_a_megabyte_line(tmp_path: Path) -> None:
+    # pytest shows a failing test's captured output in its report, 1 MB line included.
+    body = ("import sys\n\ndef test_noise():\n"
+            "    sys.stdout.buffer.write(b'bad \\xff\\xfe \\xc3 bytes\\n')\n"
+            "    sys.stdout.write('z' * 1_000_000)\n"
+            "    sys.stdout.write('\\nend\\n')\n"
+            "    assert False\n")
+    code, frames = run_runner(tmp_path, make_zip(project(body)))
+    text = output(frames)
+    assert code == 1
+    assert all(f.framed for f in frames)
+    assert "bad \ufffd\ufffd \ufffd bytes" in text
+    assert "z" * 1_000_000 in text
+    assert all(len(f.text) <= runner_entry.READ_CHUNK for f in frames)
+
+
+def test_install_failure(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip(project("def test_x():\n    pass\n",
+                                                         "no-such-package-xyz==1.0\n")),
+                              env={"PIP_NO_INDEX": "1"})
+    assert code == runner_entry.EXIT_INSTALL_FAILED
+    assert phases(frames)[-1].startswith("install failed (exit ")
+    assert "no-such-package-xyz" in output(frames) + output(frames, "stderr")
+
+
+def test_invalid_archive(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip({"../x.py": "x", "requirements.txt": ""}))
+    assert code == runner_entry.EXIT_INVALID_ARCHIVE
+    assert phases(frames) == ["invalid archive: path escapes the project: ../x.py"]
+
+
+def test_missing_requirements_is_an_invalid_archive(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip({"src/a.py": "", "tests/t.py": ""}))
+    assert code == runner_entry.EXIT_INVALID_ARCHIVE
+    assert phases(frames) == ["invalid archive: requirements.txt is missing"]
+
+
+def test_sigterm_stops_the_tests_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "source.zip").write_bytes(make_zip(project(
+        "import time\n\ndef test_slow():\n    print('sleeping', flush=True)\n"
+        "    time.sleep(60)\n")))
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), "--archive", str(tmp_path / "source.zip"), "--workdir",
+         str(tmp_path / "work"), "--max-bytes", "1000000", "--max-entries", "100"],
+        stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    parser = FrameParser()
+    seen: list[Frame] = []
+    try:
+        deadline = time.monotonic() + 30
+        while "tests started" not in phases(seen) and time.monotonic() < deadline:
+            seen += parser.feed(os.read(proc.stdout.fileno(), 65536))
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seen += parser.feed(rest) + parser.finish()
+    assert proc.returncode == runner_entry.EXIT_TERMINATED
+    assert phases(seen)[-1] == "terminated"
