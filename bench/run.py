@@ -104,7 +104,8 @@ def main() -> None:
         project = workdir / "calculator"
         shutil.copytree(EXAMPLE, project)
         ticks = write_project(workdir / "ticks",
-                              {"test_ticks.py": TIMESTAMP_TEST.format(count=args.ticks)})
+                              {"test_ticks.py": TIMESTAMP_TEST.format(count=args.ticks)},
+                              capture=False)
 
         timed_submit(dep, project, key)  # warm-up: page cache, pip's index metadata
         timed_docker_run(image, project, ca_bundle)

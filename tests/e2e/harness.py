@@ -186,13 +186,31 @@ class Deployment:
     def close(self) -> None:
         for process in reversed(self.processes):
             process.kill9()
-        client = docker.from_env()
-        try:
-            for container in client.containers.list(
-                    all=True, filters={"label": f"ci.controller_id={self.controller_id}"}):
-                container.remove(force=True)
-        finally:
-            client.close()
+        remove_labelled_containers(f"ci.controller_id={self.controller_id}")
+
+
+def remove_labelled_containers(label: str, timeout: float = 30) -> None:
+    """Remove every container with the label, tolerating removals already under way."""
+    client = docker.from_env()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            containers = client.containers.list(all=True, filters={"label": label})
+            if not containers:
+                return
+            for container in containers:
+                try:
+                    container.remove(force=True)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:  # 409: a removal is already in progress
+                        raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"containers labelled {label} were not removed in time")
+            time.sleep(0.1)
+    finally:
+        client.close()
 
 
 def wait_for_health(process: Process, timeout: float = 20) -> None:
@@ -211,11 +229,17 @@ def wait_for_health(process: Process, timeout: float = 20) -> None:
 
 # ---------------------------------------------------------------------- projects
 def write_project(root: Path, tests: dict[str, str], requirements: str = "pytest\n",
-                  src: dict[str, str] | None = None) -> Path:
-    """Write a project (src/, tests/, requirements.txt) and return its root."""
+                  src: dict[str, str] | None = None, capture: bool = True) -> Path:
+    """Write a project (src/, tests/, requirements.txt) and return its root.
+
+    capture=False adds a pytest.ini with `-s`, as a user does who wants the prints of passing
+    tests streamed live (pytest captures them by default and shows them only on failure).
+    """
     (root / "src").mkdir(parents=True, exist_ok=True)
     (root / "tests").mkdir(parents=True, exist_ok=True)
     (root / "requirements.txt").write_text(requirements)
+    if not capture:
+        (root / "pytest.ini").write_text("[pytest]\naddopts = -s\n")
     for name, text in (src or {"app.py": "VALUE = 1\n"}).items():
         (root / "src" / name).write_text(text)
     for name, text in tests.items():
@@ -242,6 +266,7 @@ def numbered_lines_test(count: int, delay_s: float = 0.0) -> str:
     return (
         "import sys, time\n"
         "def test_lines():\n"
+        "    print()  # with -s, pytest's own 'test_lines.py::test_lines ' shares the first line\n"
         f"    for i in range(1, {count} + 1):\n"
         "        print(f'line {i}', flush=True)\n"
         f"        time.sleep({delay_s})\n"

@@ -70,8 +70,9 @@ def test_failing_project_exits_1(running: Deployment, tmp_path: Path) -> None:
     assert "✗" in result.stderr
 
 
-def test_syntax_error_project_exits_1_with_the_error_shown(running: Deployment,
-                                                            tmp_path: Path) -> None:
+def test_syntax_error_project_exits_1_with_the_error_shown(
+    running: Deployment, tmp_path: Path
+) -> None:
     user = running.create_user()
     project = write_project(tmp_path / "p", {"test_syntax.py": SYNTAX_ERROR_TEST})
     result = submit(running, project, user.api_key)
@@ -79,24 +80,28 @@ def test_syntax_error_project_exits_1_with_the_error_shown(running: Deployment,
     assert "SyntaxError" in result.stdout
 
 
-def test_uninstallable_requirement_fails_with_reason_and_pip_error(running: Deployment,
-                                                                   tmp_path: Path) -> None:
+def test_uninstallable_requirement_fails_with_reason_and_pip_error(
+    running: Deployment, tmp_path: Path
+) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST},
-                            requirements="pytest\nthis-package-does-not-exist-ci-e2e==0.0.1\n")
+    project = write_project(
+        tmp_path / "p",
+        {"test_ok.py": PASSING_TEST},
+        requirements="pytest\nthis-package-does-not-exist-ci-e2e==0.0.1\n",
+    )
     result = submit(running, project, user.api_key)
     assert result.returncode == 1
     assert "this-package-does-not-exist-ci-e2e" in result.stdout  # pip's own error, for the user
     assert "dependency installation failed" in result.stderr
-    listed = json.loads(running.ci("list", "--json", server=server(running),
-                                   api_key=user.api_key).stdout)
+    listed = json.loads(
+        running.ci("list", "--json", server=server(running), api_key=user.api_key).stdout
+    )
     assert listed[0]["status"] == "failed"
     assert listed[0]["reason"] == "dependency installation failed"
     assert listed[0]["success"] is False
 
 
-def test_missing_project_files_are_named_before_upload(running: Deployment,
-                                                       tmp_path: Path) -> None:
+def test_missing_project_files_are_named_before_upload(running: Deployment, tmp_path: Path) -> None:
     user = running.create_user()
     project = tmp_path / "p"
     (project / "src").mkdir(parents=True)
@@ -106,10 +111,11 @@ def test_missing_project_files_are_named_before_upload(running: Deployment,
     assert "Traceback" not in result.stderr
 
 
-def test_async_then_wait_all_then_wait_on_finished_job(running: Deployment,
-                                                       tmp_path: Path) -> None:
+def test_async_then_wait_all_then_wait_on_finished_job(running: Deployment, tmp_path: Path) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(5, 0.05)})
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(5, 0.05)}, capture=False
+    )
     submitted = submit(running, project, user.api_key, "--async")
     assert submitted.returncode == 0, submitted.stderr
     job_id = job_id_from(submitted.stdout)
@@ -142,17 +148,28 @@ def test_list_table_and_json(running: Deployment, tmp_path: Path) -> None:
     assert len(rows) == 2
     assert "✗" in rows[0] and "✓" in rows[1]  # newest first
 
-    listed = json.loads(running.ci("list", "--json", server=server(running),
-                                   api_key=user.api_key).stdout)
+    listed = json.loads(
+        running.ci("list", "--json", server=server(running), api_key=user.api_key).stdout
+    )
     assert [job["success"] for job in listed] == [False, True]
-    assert set(listed[0]) >= {"id", "status", "success", "exit_code", "reason", "created_at",
-                              "start_time", "end_time"}
+    assert set(listed[0]) >= {
+        "id",
+        "status",
+        "success",
+        "exit_code",
+        "reason",
+        "created_at",
+        "start_time",
+        "end_time",
+    }
     assert listed[0]["status"] == "completed" and listed[0]["exit_code"] == 1
 
 
 def test_jobs_and_logs_survive_a_server_restart(running: Deployment, tmp_path: Path) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(3)})
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(3)}, capture=False
+    )
     assert submit(running, project, user.api_key).returncode == 0
     old = server(running)
     old.terminate()
@@ -170,11 +187,15 @@ def test_two_users_are_isolated_on_every_endpoint(running: Deployment, tmp_path:
     base = server(running).url
     bob_headers = {"Authorization": f"Bearer {bob.api_key}"}
     missing = "00000000-0000-0000-0000-000000000000"
-    for method, path in [("GET", f"/jobs/{job_id}"), ("GET", f"/jobs/{job_id}/events"),
-                         ("POST", f"/jobs/{job_id}/cancel")]:
+    for method, path in [
+        ("GET", f"/jobs/{job_id}"),
+        ("GET", f"/jobs/{job_id}/events"),
+        ("POST", f"/jobs/{job_id}/cancel"),
+    ]:
         theirs = httpx.request(method, base + path, headers=bob_headers, timeout=10)
-        absent = httpx.request(method, base + path.replace(job_id, missing), headers=bob_headers,
-                               timeout=10)
+        absent = httpx.request(
+            method, base + path.replace(job_id, missing), headers=bob_headers, timeout=10
+        )
         assert theirs.status_code == absent.status_code == 404, path
         assert theirs.json()["detail"] == absent.json()["detail"].replace(missing, job_id)
     assert httpx.get(base + "/jobs", headers=bob_headers, timeout=10).json()["jobs"] == []
@@ -182,15 +203,16 @@ def test_two_users_are_isolated_on_every_endpoint(running: Deployment, tmp_path:
     assert json.loads(bob_list.stdout) == []
     bob_wait = running.ci("wait", job_id, server=server(running), api_key=bob.api_key)
     assert bob_wait.returncode == 1 and "not found" in bob_wait.stderr
-    alice_wait = running.ci("wait", job_id, "--all", server=server(running),
-                            api_key=alice.api_key)
+    alice_wait = running.ci("wait", job_id, "--all", server=server(running), api_key=alice.api_key)
     assert alice_wait.returncode == 0
 
 
 def test_two_replicas_share_jobs(running: Deployment, tmp_path: Path) -> None:
     second = running.start_server()
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(20, 0.05)})
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(20, 0.05)}, capture=False
+    )
     job_id = job_id_from(submit(running, project, user.api_key, "--async").stdout)
     waited = running.ci("wait", job_id, "--all", server=second, api_key=user.api_key)
     assert waited.returncode == 0, waited.stderr
@@ -199,7 +221,9 @@ def test_two_replicas_share_jobs(running: Deployment, tmp_path: Path) -> None:
 
 def test_numbered_lines_arrive_exactly_once_in_order(running: Deployment, tmp_path: Path) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(2000)})
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(2000)}, capture=False
+    )
     result = submit(running, project, user.api_key)
     assert result.returncode == 0, result.stderr
     assert numbered_lines_in(result.stdout) == list(range(1, 2001))
@@ -207,9 +231,12 @@ def test_numbered_lines_arrive_exactly_once_in_order(running: Deployment, tmp_pa
 
 def test_ctrl_c_during_submit_cancels_the_job(running: Deployment, tmp_path: Path) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(600, 0.1)})
-    proc = running.ci_popen("submit", "test", cwd=project, server=server(running),
-                            api_key=user.api_key)
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(600, 0.1)}, capture=False
+    )
+    proc = running.ci_popen(
+        "submit", "test", cwd=project, server=server(running), api_key=user.api_key
+    )
     wait_for_line(proc, "line 3")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -225,7 +252,9 @@ def test_ctrl_c_during_submit_cancels_the_job(running: Deployment, tmp_path: Pat
 
 def test_ctrl_c_during_wait_leaves_the_job_running(running: Deployment, tmp_path: Path) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(40, 0.1)})
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(40, 0.1)}, capture=False
+    )
     job_id = job_id_from(submit(running, project, user.api_key, "--async").stdout)
     proc = running.ci_popen("wait", job_id, "--all", server=server(running), api_key=user.api_key)
     wait_for_line(proc, "line 2")
@@ -238,11 +267,14 @@ def test_ctrl_c_during_wait_leaves_the_job_running(running: Deployment, tmp_path
     assert numbered_lines_in(finished.stdout) == list(range(1, 41))
 
 
-def test_stream_drop_mid_job_resumes_without_loss_or_duplicates(running: Deployment,
-                                                                tmp_path: Path) -> None:
+def test_stream_drop_mid_job_resumes_without_loss_or_duplicates(
+    running: Deployment, tmp_path: Path
+) -> None:
     """The replica the client streams from dies; it comes back on the same port."""
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(60, 0.05)})
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(60, 0.05)}, capture=False
+    )
     first = server(running)
     port = int(first.url.rsplit(":", 1)[1])
     job_id = job_id_from(submit(running, project, user.api_key, "--async").stdout)
@@ -264,8 +296,9 @@ def wait_for_line(proc, needle: str, timeout: float = 90) -> str:  # type: ignor
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(f"stream ended before {needle!r}: {''.join(seen)}"
-                                 f"{proc.stderr.read()}")
+            raise AssertionError(
+                f"stream ended before {needle!r}: {''.join(seen)}{proc.stderr.read()}"
+            )
         seen.append(line)
         if needle in line:
             return "".join(seen)
