@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from ci_common.repository import Repository
 from ci_controller.framing import KIND_PHASE, Frame, FrameParser, is_new, to_chunks
@@ -33,7 +34,8 @@ class OutputFollower:
     """Follows one job's container output and stores new frames; see the module docstring."""
 
     def __init__(self, job_id: str, stream: OutputFollow, repository: Repository,
-                 stored_through: int, keep_bytes: int | None) -> None:
+                 stored_through: int, keep_bytes: int | None,
+                 on_verdict: Callable[[], None] | None = None) -> None:
         self.job_id = job_id
         self._stream = stream
         self._repository = repository
@@ -44,6 +46,8 @@ class OutputFollower:
         self._phases: list[str] = []
         self._lock = threading.Lock()
         self._settled = threading.Event()  # the stream ended or the runner's last word arrived
+        self.verdict_seen = threading.Event()  # the runner's last word arrived (not just EOF)
+        self._on_verdict = on_verdict
         self._abandon = threading.Event()  # stop retrying failed writes
         self._detaching = threading.Event()  # the output goes on; we just stop following it
         self._reader = threading.Thread(target=self._read, daemon=True,
@@ -92,7 +96,10 @@ class OutputFollower:
                 with self._lock:
                     self._phases.append(frame.text)
                 if is_final_phase(frame.text):
+                    self.verdict_seen.set()
                     self._settled.set()
+                    if self._on_verdict is not None:
+                        self._on_verdict()
             elif is_new(frame, self._stored_through):
                 self._queue.put(frame)
 

@@ -97,7 +97,7 @@ def decide_outcome(facts: RunFacts) -> JobOutcome:
         return JobOutcome(status=JobStatus.COMPLETED, exit_code=result.code,
                           success=result.code == 0, reason=None)
     if result.kind == "install":
-        return _failed(REASON_INSTALL_FAILED, facts.exit_code)
+        return _failed(REASON_INSTALL_FAILED, result.code)  # pip's code, not the runner's
     return _failed(REASON_INVALID_ARCHIVE_PREFIX + result.detail, facts.exit_code)
 
 

@@ -12,6 +12,7 @@ controller adopts it and resumes the output after the job's log cursor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -48,6 +49,36 @@ def describe(outcome: JobOutcome) -> str:
     return f"{outcome.status.value} ({outcome.reason})"
 
 
+class _ExitWatch:
+    """Waits for a container's exit in its own thread, so the supervisor can wake on either."""
+
+    def __init__(self, runtime: ContainerRuntime, container_id: str, detached: threading.Event,
+                 wake: threading.Event) -> None:
+        self.exited = threading.Event()
+        self._failure: BaseException | None = None
+        self._runtime = runtime
+        self._container_id = container_id
+        self._detached = detached
+        self._wake = wake
+        threading.Thread(target=self._wait, daemon=True,
+                         name=f"exit-{container_id[:8]}").start()
+
+    def _wait(self) -> None:
+        try:
+            while not self._detached.is_set():
+                if self._runtime.wait(self._container_id, WAIT_SLICE_S):
+                    self.exited.set()
+                    return
+        except BaseException as exc:  # re-raised in the supervisor's thread
+            self._failure = exc
+        finally:
+            self._wake.set()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
 class JobSupervisor:
     """Runs (or adopts) one job's container in a thread until the job is finished."""
 
@@ -69,6 +100,7 @@ class JobSupervisor:
         self._cancelled = False
         self._stop_sent = False
         self._detached = threading.Event()
+        self._wake = threading.Event()  # set on detach, container exit, or the runner's verdict
         self._follower: OutputFollower | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"job-{job.id[:8]}")
         self.start_latency_s: float | None = None  # claim → container started
@@ -106,6 +138,7 @@ class JobSupervisor:
     def detach(self) -> None:
         """Warm stop: store what was read, leave the container running for the next controller."""
         self._detached.set()
+        self._wake.set()
         follower = self._follower
         if follower is not None:
             follower.detach()
@@ -203,38 +236,53 @@ class JobSupervisor:
     def _follow(self, container_id: str, stored_through: int) -> None:
         follower = OutputFollower(self.job_id, self._runtime.follow_output(container_id),
                                   self._repository, stored_through,
-                                  self._settings.log_limit_bytes)
+                                  self._settings.log_limit_bytes, on_verdict=self._wake.set)
         follower.start()
         self._follower = follower
         if self._detached.is_set():  # detach() ran before the follower was there to stop
             follower.detach()
             return
+        exit_watch = _ExitWatch(self._runtime, container_id, self._detached, self._wake)
         deadline = self._deadline()
         timed_out = False
+        # Wake on whichever comes first: the container's exit, or the runner's verdict frame.
+        # The verdict is the end of the job for the user; the container's teardown (~0.1 s)
+        # need not stand between the last line of pytest and the result.
         while not self._detached.is_set():
+            self._wake.clear()
+            exit_watch.raise_failure()
+            if exit_watch.exited.is_set() or follower.verdict_seen.is_set():
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not timed_out:
                 timed_out = True
                 log.info("job %s: timed out, killing its container", self.job_id)
                 self._runtime.kill(container_id)
-            slice_s = WAIT_SLICE_S if timed_out else min(WAIT_SLICE_S, max(remaining, 0.001))
-            if self._runtime.wait(container_id, slice_s):
-                break
+            self._wake.wait(WAIT_SLICE_S if timed_out
+                            else min(WAIT_SLICE_S, max(remaining, 0.001)))
         if self._detached.is_set():
             return
         follower.finish(DRAIN_S)
         if self._detached.is_set():
             return
+        # Docker flags OOMKilled as soon as the kernel kills a process of the container, so
+        # inspecting a container that is still exiting already tells an OOM-killed test run.
         state = self._runtime.inspect(container_id)
+        exited = exit_watch.exited.is_set()
         facts = RunFacts(
             phases=follower.phases,
-            exit_code=state.exit_code if state is not None else None,
+            exit_code=state.exit_code if state is not None and exited else None,
             oom_killed=state.oom_killed if state is not None else False,
             timed_out=timed_out,
             cancelled=self._cancelled,
             container_missing=state is None,
         )
         self._finish(decide_outcome(facts))
+        if not exit_watch.exited.wait(self._settings.cancel_grace_s):
+            log.warning("job %s: the runner reported but its container did not exit; killing "
+                        "it", self.job_id)
+            with contextlib.suppress(CIError):
+                self._runtime.kill(container_id)
         self._remove_quietly(container_id)
 
     def _finish(self, outcome: JobOutcome) -> None:

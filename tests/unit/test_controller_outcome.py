@@ -27,7 +27,7 @@ def test_pytest_ran_means_completed(code: int) -> None:
 
 def test_install_failure() -> None:
     facts = RunFacts(phases=["install started", "install failed (exit 1)"], exit_code=100)
-    assert decide_outcome(facts) == failed("dependency installation failed", 100)
+    assert decide_outcome(facts) == failed("dependency installation failed", 1)  # pip's code
 
 
 def test_invalid_archive_keeps_the_runner_reason() -> None:
