@@ -37,7 +37,8 @@ class NewKey:
 def generate_key() -> NewKey:
     """A new random key with its hash and display prefix."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
-    return NewKey(plaintext=plaintext, key_hash=hash_key(plaintext), prefix=display_prefix(plaintext))
+    return NewKey(plaintext=plaintext, key_hash=hash_key(plaintext),
+                  prefix=display_prefix(plaintext))
 
 
 def hash_key(plaintext: str) -> str:

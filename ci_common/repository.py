@@ -36,7 +36,7 @@ class Repository(Protocol):
 
     # ----------------------------------------------------------------- users
     def create_user(self, name: str, email: str) -> User:
-        """Create an active user. Raises AlreadyExists when the email is taken (case-insensitive)."""
+        """Create an active user. Raises AlreadyExists if the email is taken (case-insensitive)."""
 
     def get_user(self, user_id: str) -> User:
         """Raises NotFound."""
@@ -71,13 +71,13 @@ class Repository(Protocol):
 
     # ----------------------------------------------------------------- jobs (server side)
     def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None) -> Job:
-        """Store the archive and a queued job, and append its first STATUS event (seq 1), atomically.
+        """Store the archive and a queued job, and append its first STATUS event (seq 1), at once.
 
         After it returns, any replica and any controller can read the job and its archive.
         """
 
     def get_job(self, job_id: str, user_id: str | None = None) -> Job:
-        """One job. With user_id, a job of another user raises NotFound exactly like a missing one."""
+        """One job. With user_id, another user's job raises NotFound exactly like a missing one."""
 
     def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
         """The user's jobs, newest first (created_at, then id, descending)."""

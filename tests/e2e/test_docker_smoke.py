@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import uuid
@@ -52,10 +53,8 @@ def test_runner_image_installs_a_package_through_the_ca_bundle(
             stdout=True, stderr=True,
         )
     finally:
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             client.containers.get(name).remove(force=True)
-        except docker.errors.NotFound:
-            pass
         client.close()
     assert b"ok (" in output, output
 
