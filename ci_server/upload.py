@@ -9,11 +9,14 @@ a large body.
 from __future__ import annotations
 
 import math
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message, Receive
 
 from ci_common.errors import InvalidInput, TooLarge
@@ -55,7 +58,11 @@ class Submission:
 
 
 def too_large_message(size: int, limit: int) -> str:
-    return f"archive is {format_size(size)}, over the {format_size(limit)} limit"
+    shown, limit_shown = format_size(size), format_size(limit)
+    if shown == limit_shown:
+        # "archive is 1.0 MB, over the 1.0 MB limit" would read as a contradiction.
+        shown, limit_shown = f"{size} bytes", f"{limit}-byte"
+    return f"archive is {shown}, over the {limit_shown} limit"
 
 
 def check_declared_length(content_length: str | None, limit: int) -> None:
@@ -101,12 +108,32 @@ def parse_timeout(raw: str | None) -> float | None:
     return value
 
 
+async def parse_form(request: Request, max_body_bytes: int) -> FormData:
+    """The submitted form, its file part held in memory: an upload never touches the disk.
+
+    Starlette spools a file part over 1 MB to a temporary file (unnamed, so invisible in
+    TMPDIR); the body is bounded by CountingReceive anyway and read into memory right after.
+    """
+    content_type, _ = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data":
+        # Other encodings carry no file part, so Starlette's own parsing spools nothing.
+        return await request.form(max_files=1, max_fields=MAX_FORM_FIELDS,
+                                  max_part_size=MAX_FIELD_BYTES)
+    async with aclosing(request.stream()) as stream:
+        parser = MultiPartParser(request.headers, stream, max_files=1,
+                                 max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES)
+        parser.spool_max_size = max_body_bytes
+        try:
+            return await parser.parse()
+        except MultiPartException as exc:
+            raise InvalidInput(exc.message) from None
+
+
 async def read_submission(request: Request, max_upload_bytes: int) -> Submission:
     """Parse the multipart body, counting bytes as they arrive; raise TooLarge or InvalidInput."""
     check_declared_length(request.headers.get("content-length"), max_upload_bytes)
     counted = Request(request.scope, CountingReceive(request.receive, max_upload_bytes))
-    form = await counted.form(max_files=1, max_fields=MAX_FORM_FIELDS,
-                              max_part_size=MAX_FIELD_BYTES)
+    form = await parse_form(counted, max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     try:
         upload = form.get(ARCHIVE_FIELD)
         if not isinstance(upload, UploadFile):
