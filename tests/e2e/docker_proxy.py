@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -24,8 +25,10 @@ class DockerProxy:
     """Forwards connections from its own socket to the engine's, unless told otherwise."""
 
     def __init__(self, socket_path: Path | None = None, upstream: str = UPSTREAM) -> None:
+        self._own_dir: Path | None = None
         if socket_path is None:  # unix socket paths are limited to ~107 bytes: keep it short
-            socket_path = Path(tempfile.mkdtemp(prefix="dproxy-")) / "docker.sock"
+            self._own_dir = Path(tempfile.mkdtemp(prefix="dproxy-"))
+            socket_path = self._own_dir / "docker.sock"
         self.socket_path = socket_path
         self._upstream = upstream
         self._lock = threading.Lock()
@@ -83,6 +86,8 @@ class DockerProxy:
             _close(self._listener)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ plumbing
     def _accept_loop(self) -> None:
