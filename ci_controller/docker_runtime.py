@@ -49,11 +49,35 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    # ChunkedEncodingError: the engine closed a long answer (a wait, a log) midway.
+    if isinstance(exc, (requests.exceptions.ConnectionError,
+                        requests.exceptions.ChunkedEncodingError)):
         return True
     # The SDK wraps a failed version handshake (engine not running) in a bare DockerException.
     return (type(exc) is docker.errors.DockerException
             and "Error while fetching server API version" in str(exc))
+
+
+def _unavailable(exc: BaseException) -> RuntimeUnavailable:
+    """`the Docker engine does not answer (connection refused)`: the root cause, not the chain."""
+    # The SDK nests the socket error three deep (requests → urllib3 → OSError); operators need
+    # only the innermost reason, in a line that reads the same on every retry.
+    reason, pending, seen = _one_line(exc), [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            reason = current.strerror
+            break
+        nested = [arg for arg in current.args if isinstance(arg, BaseException)]
+        nested += [current.__cause__] if current.__cause__ is not None else []
+        if not nested and str(current):
+            reason = _one_line(current)
+        pending.extend(nested)
+    reason = reason[:1].lower() + reason[1:]
+    return RuntimeUnavailable(f"the Docker engine does not answer ({reason})")
 
 
 class DockerRuntime:
@@ -76,8 +100,7 @@ class DockerRuntime:
                                                      timeout=int(API_TIMEOUT_S))
                     self._api = client.api
                 except Exception as exc:
-                    raise RuntimeUnavailable(
-                        f"the Docker engine does not answer ({_one_line(exc)})") from exc
+                    raise _unavailable(exc) from exc
             return self._api
 
     def _call(self, action: str, func: Callable[[Any], T]) -> T:
@@ -88,8 +111,7 @@ class DockerRuntime:
             raise
         except Exception as exc:
             if _is_unavailable(exc):
-                raise RuntimeUnavailable(
-                    f"the Docker engine does not answer ({_one_line(exc)})") from exc
+                raise _unavailable(exc) from exc
             if isinstance(exc, (docker.errors.DockerException,
                                 requests.exceptions.RequestException)):
                 raise CIError(f"{action}: {_one_line(exc)}") from exc
@@ -162,8 +184,7 @@ class DockerRuntime:
             if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(exc):
                 return False
             if _is_unavailable(exc):
-                raise RuntimeUnavailable(
-                    f"the Docker engine does not answer ({_one_line(exc)})") from exc
+                raise _unavailable(exc) from exc
             raise CIError(f"wait for container: {_one_line(exc)}") from exc
         except docker.errors.DockerException as exc:
             raise CIError(f"wait for container: {_one_line(exc)}") from exc

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.02  # change-token poll period: cheap, and bounds the claim latency of a new job
 RETRY_AFTER_ERROR_S = 5.0  # a job whose supervisor crashed is left alone this long
-ENGINE_RETRY_MIN_S = 2.0  # first retry window after the engine stopped answering
-ENGINE_RETRY_MAX_S = 60.0
+# While the engine is away it is probed every reconcile interval (so jobs resume within one of
+# its return), but reported once per window, the window doubling from MIN to MAX: no log flood.
+ENGINE_REPORT_MIN_S = 2.0
+ENGINE_REPORT_MAX_S = 60.0
 
 
 class Controller:
@@ -52,8 +54,9 @@ class Controller:
         self._wake = threading.Event()
         self._next_full = 0.0  # monotonic time of the next full reconcile
         self._engine_down = False
-        self._engine_retry_s = max(settings.reconcile_interval_s, ENGINE_RETRY_MIN_S)
-        self._engine_retry_at = 0.0
+        self._engine_report_s = max(settings.reconcile_interval_s, ENGINE_REPORT_MIN_S)
+        self._engine_report_at = 0.0  # the next error line is due then
+        self._engine_retry_at = 0.0  # the next probe of the engine is due then
         self._stopping = False
         # claim → container started, for the most recent fresh starts (tests, diagnostics)
         self.start_latencies_s: deque[float] = deque(maxlen=100)
@@ -73,6 +76,10 @@ class Controller:
         with self._lock:
             attached = dict(self._supervisors)
         jobs = self.repository.list_controller_jobs(self.settings.controller_id)
+        live = {job.id for job in jobs}
+        with self._lock:  # a job no longer ours and live gives its slot back (see _claim)
+            for job_id in [job_id for job_id in self._retry_at if job_id not in live]:
+                del self._retry_at[job_id]
         for job in jobs:
             supervisor = attached.get(job.id)
             if supervisor is not None and job.cancel_requested and not supervisor.cancelling:
@@ -157,33 +164,37 @@ class Controller:
                     return False
 
     def note_engine_down(self, exc: RuntimeUnavailable) -> None:
-        """Stop claiming until the engine answers; one error line per retry window."""
+        """Stop claiming until the engine answers; one error line per report window."""
         now = self._clock()
         with self._lock:
-            if self._engine_down and now < self._engine_retry_at:
+            self._engine_retry_at = now + self.settings.reconcile_interval_s
+            self._next_full = self._engine_retry_at  # no engine calls until then
+            if self._engine_down and now < self._engine_report_at:
                 return
             if self._engine_down:
-                self._engine_retry_s = min(self._engine_retry_s * 2, ENGINE_RETRY_MAX_S)
+                self._engine_report_s = min(self._engine_report_s * 2, ENGINE_REPORT_MAX_S)
             self._engine_down = True
-            self._engine_retry_at = now + self._engine_retry_s
-            self._next_full = self._engine_retry_at  # no engine calls until then
-            retry_s = self._engine_retry_s
-        log.error("container engine unavailable: %s; queued jobs stay queued, retrying in %.0f s",
-                  exc.message, retry_s)
+            self._engine_report_at = now + self._engine_report_s
+            report_s = self._engine_report_s
+        log.error("container engine unavailable: %s; queued jobs stay queued, retrying every "
+                  "%g s (next report in %.0f s)", exc.message, self.settings.reconcile_interval_s,
+                  report_s)
 
     # ------------------------------------------------------------------ reconcile steps
     def _note_engine_up(self) -> None:
         with self._lock:
             was_down = self._engine_down
             self._engine_down = False
-            self._engine_retry_s = max(self.settings.reconcile_interval_s, ENGINE_RETRY_MIN_S)
+            self._engine_report_s = max(self.settings.reconcile_interval_s, ENGINE_REPORT_MIN_S)
         if was_down:
             log.info("container engine is available again")
 
     def _claim(self) -> bool:
         claimed = False
         while not self._stopping and not self._engine_down:
-            if self.active_jobs() >= self.settings.max_concurrent_jobs:
+            # A job whose supervisor crashed keeps its slot until it is adopted again: its
+            # container may still be running, and the limit counts running containers.
+            if self.active_jobs() + len(self._retry_at) >= self.settings.max_concurrent_jobs:
                 break
             # A read first: claiming is a write transaction, and this runs on every change.
             if self.repository.count_queued_jobs() == 0:

@@ -26,14 +26,21 @@ from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_controller import runner_entry
 from ci_controller.follower import OutputFollower
-from ci_controller.outcome import RunFacts, cancelled_before_start, decide_outcome, start_failed
-from ci_controller.runtime import ContainerRuntime
+from ci_controller.outcome import (
+    RunFacts,
+    cancelled_before_start,
+    decide_outcome,
+    runner_result,
+    start_failed,
+)
+from ci_controller.runtime import ContainerRuntime, ContainerStatus
 from ci_controller.spec import ARCHIVE_PATH, LABEL_JOB_ID, RUNNER_PATH, job_container_spec
 
 log = logging.getLogger(__name__)
 
 WAIT_SLICE_S = 1.0  # the longest a supervisor is deaf to a detach while waiting on its container
 DRAIN_S = 2.0  # after exit, how long to wait for the rest of a killed container's output
+EXIT_AFTER_VERDICT_S = 5.0  # how long a failed run's verdict waits for its container to exit
 
 
 def runner_source() -> bytes:
@@ -186,7 +193,7 @@ class JobSupervisor:
             for leftover in self._runtime.list({LABEL_JOB_ID: job.id}):
                 self._runtime.remove(leftover.id)
             archive = self._repository.get_archive(job.id)
-            container_id = self._runtime.create(job_container_spec(self._settings, job.id))
+            container_id = self._create(job)
             self._runtime.put_files(container_id, {RUNNER_PATH: runner_source(),
                                                    ARCHIVE_PATH: archive})
             self._runtime.start(container_id)
@@ -212,6 +219,25 @@ class JobSupervisor:
         log.info("job %s: started in container %s (%.0f ms after claim)", job.id,
                  container_id[:12], self.start_latency_s * 1000)
         self._follow(container_id, stored_through=0)
+
+    def _create(self, job: Job) -> str:
+        """Create the job's container, replacing one a killed controller's late request made."""
+        spec = job_container_spec(self._settings, job.id)
+        try:
+            return self._runtime.create(spec)
+        except RuntimeUnavailable:
+            raise
+        except CIError:
+            # A create sent just before the previous controller was killed can reach the engine
+            # after the leftover check: the name is then taken by a container that never ran.
+            leftovers = self._runtime.list({LABEL_JOB_ID: job.id})
+            if not leftovers or any(c.status is not ContainerStatus.CREATED for c in leftovers):
+                raise
+        for leftover in leftovers:
+            log.info("job %s: removing container %s, created by an earlier attempt and never "
+                     "started", job.id, leftover.id[:12])
+            self._runtime.remove(leftover.id)
+        return self._runtime.create(spec)
 
     def _adopt(self) -> None:
         job = self.job
@@ -265,8 +291,12 @@ class JobSupervisor:
         follower.finish(DRAIN_S)
         if self._detached.is_set():
             return
-        # Docker flags OOMKilled as soon as the kernel kills a process of the container, so
-        # inspecting a container that is still exiting already tells an OOM-killed test run.
+        # Docker (20.10 here, cgroup v1) sets State.OOMKilled only once the container has exited,
+        # even when the kernel killed pytest long before: unless the tests passed (where an OOM
+        # kill changes nothing), wait for the exit, which follows the runner's verdict at once.
+        verdict = runner_result(follower.phases)
+        if not (verdict is not None and verdict.kind == "tests" and verdict.code == 0):
+            exit_watch.exited.wait(EXIT_AFTER_VERDICT_S)
         state = self._runtime.inspect(container_id)
         exited = exit_watch.exited.is_set()
         facts = RunFacts(

@@ -15,7 +15,7 @@ from ci_common.models import EventKind, Job, JobEvent, JobStatus, OutputChunk, O
 from ci_common.settings import Settings
 from ci_controller.fake_runtime import FakeRuntime, FakeScript, runner_frames
 from ci_controller.reconciler import Controller
-from ci_controller.runtime import ContainerStatus
+from ci_controller.runtime import ContainerSpec, ContainerStatus
 from ci_controller.spec import ARCHIVE_PATH, RUNNER_PATH, job_container_spec
 from ci_controller.supervisor import runner_source
 from ci_persistence.memory import InMemoryRepository
@@ -34,9 +34,9 @@ class CountingRepository(InMemoryRepository):
         self.append_calls = 0
 
     def append_output(self, job_id: str, chunks: Sequence[OutputChunk], log_cursor: int,
-                      keep_bytes: int | None = None) -> list[JobEvent]:
+                      keep_bytes: int | None = None, skipped_bytes: int = 0) -> list[JobEvent]:
         self.append_calls += 1
-        return super().append_output(job_id, chunks, log_cursor, keep_bytes)
+        return super().append_output(job_id, chunks, log_cursor, keep_bytes, skipped_bytes)
 
 
 @pytest.fixture
@@ -347,6 +347,30 @@ def test_claimed_but_never_started_is_started_fresh(repo: CountingRepository,
     done = finish(controller, repo, job.id)
     assert done.status is JobStatus.COMPLETED
     assert leftover in runtime.removed
+
+
+class LateCreateRuntime(FakeRuntime):
+    """The first create finds its name taken: a killed controller's create just landed."""
+
+    def __init__(self) -> None:
+        super().__init__(default=PASSING)
+        self.late: str | None = None
+
+    def create(self, spec: ContainerSpec) -> str:
+        if self.late is None:
+            self.late = super().create(spec)
+        return super().create(spec)
+
+
+def test_a_late_create_of_a_killed_controller_is_replaced(repo: CountingRepository,
+                                                          controllers: list[Controller]) -> None:
+    runtime = LateCreateRuntime()
+    job = submit(repo)
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()
+    done = finish(controller, repo, job.id)
+    assert (done.status, done.reason) == (JobStatus.COMPLETED, None)
+    assert runtime.late in runtime.removed
 
 
 def test_running_job_whose_container_is_gone_is_lost(repo: CountingRepository,
