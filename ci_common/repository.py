@@ -122,6 +122,7 @@ class Repository(Protocol):
         chunks: Sequence[OutputChunk],
         log_cursor: int,
         keep_bytes: int | None = None,
+        skipped_bytes: int = 0,
     ) -> list[JobEvent]:
         """Append OUTPUT events in order and move the job's log_cursor, atomically.
 
@@ -130,6 +131,8 @@ class Repository(Protocol):
         With keep_bytes, once the stored output exceeds it, the oldest OUTPUT events are dropped
         (the tail is kept: that is where errors are), and the oldest kept position holds one
         marker event saying how many bytes were dropped; dropped_bytes grows accordingly.
+        skipped_bytes is output dropped before it got here (the runner's own cap, which only
+        drops what the cap would): it adds to dropped_bytes and so to the marker's count.
         Ignored (returns []) when the job is already terminal. Returns the new events.
         """
 

@@ -5,6 +5,11 @@ The writer blocks for the first queued frame, then takes whatever else is queued
 in ONE `append_output` call. An idle job's line is therefore written within milliseconds, and
 under heavy output the batches grow by themselves while the previous transaction runs: no timer,
 no transaction per line.
+
+Frames are numbered without gaps, so frames that never arrive (the engine's json-file log
+rotated them away before they were read: the runner bounds its rate so this should not happen,
+but a stalled controller can still fall behind) leave a marker line in the log, never a silent
+hole.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ import time
 from collections.abc import Callable
 
 from ci_common.repository import Repository
-from ci_controller.framing import KIND_PHASE, Frame, FrameParser, is_new, to_chunks
+from ci_controller.framing import (
+    KIND_PHASE,
+    KIND_STDOUT,
+    Frame,
+    FrameParser,
+    is_new,
+    lost_text,
+    skipped_bytes,
+    to_chunks,
+)
 from ci_controller.outcome import is_final_phase
 from ci_controller.runtime import OutputFollow
 
@@ -41,6 +55,7 @@ class OutputFollower:
         self._repository = repository
         self._stored_through = stored_through  # frames up to here are already stored
         self._cursor = stored_through
+        self._last_framed: int | None = None  # the number of the last frame read
         self._keep_bytes = keep_bytes
         self._queue: queue.SimpleQueue[Frame | object] = queue.SimpleQueue()
         self._phases: list[str] = []
@@ -50,11 +65,13 @@ class OutputFollower:
         self._on_verdict = on_verdict
         self._abandon = threading.Event()  # stop retrying failed writes
         self._detaching = threading.Event()  # the output goes on; we just stop following it
+        self._stopping = threading.Event()  # finish() or detach() was called
         self._reader = threading.Thread(target=self._read, daemon=True,
                                         name=f"read-{job_id[:8]}")
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name=f"write-{job_id[:8]}")
         self.frames_read = 0
+        self.bytes_read = 0
         self.writes = 0
 
     @property
@@ -78,7 +95,14 @@ class OutputFollower:
         parser = FrameParser()
         try:
             for chunk in self._stream:
+                self.bytes_read += len(chunk)
                 self._handle(parser.feed(chunk))
+            if parser.pending:
+                # A stream cut by a lost engine ends as quietly as a finished one, possibly in
+                # mid-line: only the supervisor knows (finish: the output is over; detach: the
+                # next controller re-reads that frame whole), so wait for its word.
+                self._settled.set()
+                self._stopping.wait()
             # A partial last line is the end of the output only when the output is over; on a
             # detach it is the start of a frame the next controller reads whole.
             if not self._detaching.is_set():
@@ -92,6 +116,8 @@ class OutputFollower:
     def _handle(self, frames: list[Frame]) -> None:
         for frame in frames:
             self.frames_read += 1
+            if frame.framed:
+                self._note_gap(frame.number)
             if frame.kind == KIND_PHASE:
                 with self._lock:
                     self._phases.append(frame.text)
@@ -102,6 +128,16 @@ class OutputFollower:
                         self._on_verdict()
             elif is_new(frame, self._stored_through):
                 self._queue.put(frame)
+
+    def _note_gap(self, number: int) -> None:
+        """Queue a marker for frames missing before this one (and not stored before)."""
+        first_missing = max((self._last_framed or 0) + 1, self._stored_through + 1)
+        self._last_framed = number
+        if number > first_missing:
+            log.warning("job %s: output frames %d-%d are missing from the engine's log",
+                        self.job_id, first_missing, number - 1)
+            self._queue.put(Frame(number - 1, KIND_STDOUT, lost_text(number - first_missing),
+                                  framed=False))
 
     # ------------------------------------------------------------------ writer
     def _write_loop(self) -> None:
@@ -129,12 +165,14 @@ class OutputFollower:
 
     def _store(self, frames: list[Frame]) -> None:
         chunks = to_chunks(frames)
+        skipped = skipped_bytes(frames)
         cursor = max(self._cursor, max(frame.number for frame in frames))
         delay = RETRY_FIRST_S
         while True:
             try:
                 self._repository.append_output(self.job_id, chunks, log_cursor=cursor,
-                                               keep_bytes=self._keep_bytes)
+                                               keep_bytes=self._keep_bytes,
+                                               skipped_bytes=skipped)
                 self._cursor = cursor
                 self.writes += 1
                 return
@@ -150,10 +188,14 @@ class OutputFollower:
 
     # ------------------------------------------------------------------ stopping
     def finish(self, drain_s: float) -> None:
-        """After the container exited: read what is left (up to drain_s), store it, stop."""
+        """After the container exited: read what is left (until drain_s of silence), stop."""
         # A followed log stream may outlive its container: stop at the runner's last word, or
-        # after a short drain when there is none (the container was killed).
-        self._settled.wait(drain_s)
+        # after a short drain when there is none (the container was killed). An adopted
+        # container's whole log is re-read from the start, which can take longer than one
+        # drain: keep going while bytes still arrive.
+        seen = self.bytes_read
+        while not self._settled.wait(drain_s) and self.bytes_read != seen:
+            seen = self.bytes_read
         self._stop()
 
     def detach(self) -> None:
@@ -162,6 +204,7 @@ class OutputFollower:
         self._stop()
 
     def _stop(self) -> None:
+        self._stopping.set()
         self._stream.close()
         with self._lock:
             if self._reader.ident is None:  # never started: nothing to wait for

@@ -15,11 +15,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ci_common.models import OutputChunk, OutputStream
+from ci_common.settings import format_size
 
 KIND_STDOUT = "stdout"
 KIND_STDERR = "stderr"
 KIND_PHASE = "phase"
-_KINDS = frozenset((KIND_STDOUT, KIND_STDERR, KIND_PHASE))
+KIND_SKIPPED = "skipped"  # text: bytes of output the runner dropped here (see runner_entry)
+_KINDS = frozenset((KIND_STDOUT, KIND_STDERR, KIND_PHASE, KIND_SKIPPED))
 
 # The runner's frames carry at most 64 KB of input; JSON escaping can make a line up to six
 # times longer. Past this, a line without a newline cannot be a frame: flush it as text.
@@ -32,7 +34,7 @@ class Frame:
     """One record of the runner's output."""
 
     number: int  # the runner's frame number; for unframed text, the number of the frame before
-    kind: str  # "stdout", "stderr" or "phase"
+    kind: str  # "stdout", "stderr", "phase" or "skipped"
     text: str
     framed: bool = True  # False for unframed text passed through as stdout
 
@@ -49,6 +51,11 @@ class FrameParser:
     def last_number(self) -> int:
         """The number of the last well-formed frame seen."""
         return self._last_number
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a line (no newline yet) is held back."""
+        return bool(self._pending)
 
     def feed(self, chunk: bytes) -> list[Frame]:
         """Frames completed by this chunk, in order."""
@@ -103,7 +110,26 @@ def _parse_frame(line: bytes) -> Frame | None:
     number, kind, text = value
     if type(number) is not int or number < 1 or kind not in _KINDS or not isinstance(text, str):
         return None
+    if kind == KIND_SKIPPED and not (text.isascii() and text.isdigit()):
+        return None
     return Frame(number, kind, text)
+
+
+def skipped_text(skipped_bytes: int) -> str:
+    """The line standing where the runner dropped output written faster than it is stored."""
+    return (f"[ci] … {format_size(skipped_bytes)} of output skipped here: written faster than "
+            "it can be stored; the last part is kept …\n")
+
+
+def lost_text(frames: int) -> str:
+    """The line standing where frames never arrived (the engine's log rotated them away)."""
+    return (f"[ci] … output lost here: {frames} output frame(s) missing from the container "
+            "engine's log …\n")
+
+
+def skipped_bytes(frames: Iterable[Frame]) -> int:
+    """Bytes the runner reported dropping in these frames."""
+    return sum(int(frame.text) for frame in frames if frame.kind == KIND_SKIPPED and frame.framed)
 
 
 def is_new(frame: Frame, stored_through: int) -> bool:
@@ -123,8 +149,15 @@ def to_chunks(frames: Iterable[Frame]) -> list[OutputChunk]:
     for frame in frames:
         if frame.kind == KIND_PHASE:
             continue
-        frame_stream = OutputStream(frame.kind)
-        text = frame.text
+        if frame.kind == KIND_SKIPPED:
+            # An event of its own: one merging output from both sides of the gap would be
+            # dropped whole by the cap, taking kept output with it.
+            _flush(chunks, stream, parts)
+            chunks.append(OutputChunk(stream=OutputStream.STDOUT,
+                                      text=skipped_text(int(frame.text))))
+            stream, parts, size = None, [], 0
+            continue
+        frame_stream, text = OutputStream(frame.kind), frame.text
         while text:
             if stream is not frame_stream or size >= MAX_EVENT_CHARS:
                 _flush(chunks, stream, parts)

@@ -9,8 +9,16 @@ goes to its stdout as FRAMES, one JSON array per line:
 `frame_no` counts from 1, so a controller that re-reads the output after a crash skips exactly
 the frames it already stored. stdout/stderr frames carry the children's output, decoded with an
 incremental UTF-8 decoder per stream (invalid bytes become U+FFFD), at most READ_CHUNK bytes of
-input each, newlines included and never waited for. Phase frames say how the run went; the
-last one is one of:
+input each, newlines included and never waited for.
+
+With `--log-limit N` (the controller's log cap), output is written by a thread at most
+EMIT_RATE bytes a second, and the children are read as fast as they write. Output waiting to be
+written that is more than N bytes older than the newest is dropped: the controller would drop it
+anyway, since it keeps only the last N bytes. A `skipped` frame (text: the byte count) stands
+where it was. So a test printing a gigabyte costs seconds, not minutes, and never gets far
+ahead of the controller, whose engine log file rotates away what it has not read.
+
+Phase frames say how the run went; the last one is one of:
 
     invalid archive: <reason>        exit 101
     install failed (exit <N>)        exit 100
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import contextlib
 import json
 import os
@@ -31,6 +40,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zipfile
@@ -40,10 +50,15 @@ from typing import Any
 STDOUT = "stdout"
 STDERR = "stderr"
 PHASE = "phase"
+SKIPPED = "skipped"
 
 READ_CHUNK = 64 * 1024  # bytes read from a child pipe at a time: the most one frame carries
 COPY_BLOCK = 64 * 1024
 LINGER_S = 1.0  # after a child exits, how long its leftover processes may keep writing
+EMIT_RATE = 4 * 1024 * 1024  # bytes/s written under --log-limit: well within what the
+# controller stores, so the engine's log file (2 x 16 MB or more) never rotates unread output
+EMIT_BURST = 1024 * 1024  # bytes written at once before the rate applies
+MAX_HELD = 64 * 1024 * 1024  # bytes of output held back at most (it lives in the job's memory)
 
 EXIT_INSTALL_FAILED = 100
 EXIT_INVALID_ARCHIVE = 101
@@ -62,14 +77,113 @@ class Terminated(Exception):
     """SIGTERM arrived: stop the children and exit."""
 
 
-class Emitter:
-    """Writes numbered frames to a file descriptor, one line each."""
+class Outbox:
+    """Frames waiting to be written; beyond `limit` bytes of output, the oldest is dropped."""
 
-    def __init__(self, fd: int = 1) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: collections.deque[tuple[str, str, int]] = collections.deque()
+        self.front: list[str] = []  # phases that output was dropped around: written first
+        self.held = 0  # bytes of output in items
+        self.skipped = 0  # bytes dropped since the last `skipped` frame
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def put(self, kind: str, text: str) -> None:
+        size = len(text.encode("utf-8", "replace")) if kind != PHASE else 0
+        with self.cond:
+            self.items.append((kind, text, size))
+            self.held += size
+            # Keep at least `limit` bytes: the controller's cap keeps the last `limit` bytes,
+            # so what goes here is older than anything it would keep.
+            while self.held > self.limit:
+                kind, text, size = self.items[0]
+                if kind == PHASE:
+                    self.front.append(text)
+                elif self.held - size < self.limit:
+                    break
+                else:
+                    self.held -= size
+                    self.skipped += size
+                self.items.popleft()
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def take(self, max_bytes: int) -> list[tuple[str, str]] | None:
+        """Frames to write, up to max_bytes of output (one piece at least); None when done."""
+        with self.cond:
+            while not (self.front or self.skipped or self.items or self.closed):
+                self.cond.wait()
+            frames = [(PHASE, text) for text in self.front]
+            self.front.clear()
+            if self.skipped:
+                frames.append((SKIPPED, str(self.skipped)))
+                self.skipped = 0
+            taken = 0
+            while self.items and (taken == 0 or taken + self.items[0][2] <= max_bytes):
+                kind, text, size = self.items.popleft()
+                self.held -= size
+                taken += size
+                frames.append((kind, text))
+            return frames or None
+
+
+class Emitter:
+    """Writes numbered frames to a file descriptor, one line each.
+
+    With a log limit, a thread writes them (see the module docstring); without, emit() does.
+    """
+
+    def __init__(self, fd: int = 1, log_limit: int = 0) -> None:
         self.fd = fd
         self.number = 0
+        self.outbox: Outbox | None = None
+        self.writer: threading.Thread | None = None
+        if log_limit > 0:
+            self.outbox = Outbox(min(log_limit, MAX_HELD))
+            self.writer = threading.Thread(target=self._write_loop, daemon=True)
+            self.writer.start()
 
     def emit(self, kind: str, text: str) -> None:
+        if self.outbox is not None:
+            self.outbox.put(kind, text)
+        else:
+            self._write(kind, text)
+
+    def close(self) -> None:
+        """Write everything still held (at full speed: at most the limit), then return."""
+        if self.outbox is not None and self.writer is not None:
+            self.outbox.close()
+            self.writer.join()
+
+    def _write_loop(self) -> None:
+        allowance = float(EMIT_BURST)
+        last = time.monotonic()
+        while True:
+            # Wait for allowance BEFORE taking: what waits in the outbox can still be dropped.
+            assert self.outbox is not None
+            while allowance <= 0 and not self.outbox.closed:
+                time.sleep(min(-allowance / EMIT_RATE, 0.1) + 0.001)
+                now = time.monotonic()
+                allowance = min(allowance + (now - last) * EMIT_RATE, EMIT_BURST)
+                last = now
+            # Whole bursts, not single pieces: a flood shows one `skipped` line per burst.
+            frames = self.outbox.take(EMIT_BURST)
+            if frames is None:
+                return
+            for kind, text in frames:
+                self._write(kind, text)
+                if kind != PHASE:
+                    allowance -= len(text)
+            now = time.monotonic()
+            allowance = min(allowance + (now - last) * EMIT_RATE, EMIT_BURST)
+            last = now
+
+    def _write(self, kind: str, text: str) -> None:
         self.number += 1
         line = json.dumps([self.number, kind, text], ensure_ascii=False) + "\n"
         data = line.encode("utf-8", "replace")
@@ -266,6 +380,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--max-bytes", type=int, required=True)
     parser.add_argument("--max-entries", type=int, required=True)
+    parser.add_argument("--log-limit", type=int, default=0,
+                        help="bytes of output the controller keeps (0: no limit, no dropping)")
     args = parser.parse_args(argv)
     args.workdir = os.path.abspath(args.workdir)
     return args
@@ -276,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     # Anything the runner itself prints (a traceback) lands on stdout, between frames, where
     # the controller passes it through as unframed text.
     os.dup2(1, 2)
-    emitter = Emitter(1)
+    emitter = Emitter(1, args.log_limit)
     runner = Runner(emitter)
     signal.signal(signal.SIGTERM, runner.on_sigterm)
     try:
@@ -288,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         emitter.emit(STDERR, traceback.format_exc())
         emitter.phase(f"runner error: {exc}")
         return EXIT_RUNNER_ERROR
+    finally:
+        emitter.close()
 
 
 if __name__ == "__main__":

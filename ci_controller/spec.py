@@ -29,6 +29,9 @@ CAPABILITIES: tuple[str, ...] = ()
 # The engine's own log file for the container: json-file grows without bound unless capped.
 # The database keeps the tail of the output (CI_LOG_LIMIT); the file only needs to hold what the
 # controller has not read yet, so twice the limit (framing adds overhead) and at least 16 MB.
+# The runner (given the limit) writes at most a few MB/s and drops what the cap would drop
+# anyway, so the controller does not fall a whole file behind; if it still does, the frames
+# rotated away unread leave a marker in the log (see follower.py).
 MIN_LOG_FILE_BYTES = 16 * 1024**2
 
 BASE_ENVIRONMENT: Mapping[str, str] = {
@@ -51,13 +54,14 @@ def controller_labels(settings: Settings) -> dict[str, str]:
 
 
 def runner_command(settings: Settings) -> tuple[str, ...]:
-    """The container's command: the runner script with the archive limits from the settings."""
+    """The container's command: the runner script with the archive and log limits."""
     return (
         "python3", RUNNER_PATH,
         "--archive", ARCHIVE_PATH,
         "--workdir", WORK_DIR,
         "--max-bytes", str(settings.max_unpacked_bytes),
         "--max-entries", str(settings.max_archive_entries),
+        "--log-limit", str(settings.log_limit_bytes),
     )
 
 

@@ -289,6 +289,7 @@ class InMemoryRepository:
         chunks: Sequence[OutputChunk],
         log_cursor: int,
         keep_bytes: int | None = None,
+        skipped_bytes: int = 0,
     ) -> list[JobEvent]:
         """Append OUTPUT events and move log_cursor atomically; apply the log cap."""
         with self._lock:
@@ -298,7 +299,8 @@ class InMemoryRepository:
             new_ids = [self._append(job_id, EventKind.OUTPUT, chunk.text, chunk.stream)
                        for chunk in chunks if chunk.text]
             added = sum(utf8_len(self._events[i].event.text) for i in new_ids)
-            job = replace(job, log_cursor=log_cursor, output_bytes=job.output_bytes + added)
+            job = replace(job, log_cursor=log_cursor, output_bytes=job.output_bytes + added,
+                          dropped_bytes=job.dropped_bytes + max(skipped_bytes, 0))
             if keep_bytes is not None and job.output_bytes > keep_bytes:
                 job = self._cap(job, keep_bytes)
             self._jobs[job_id] = job

@@ -276,6 +276,7 @@ class SqliteRepository:
         chunks: Sequence[OutputChunk],
         log_cursor: int,
         keep_bytes: int | None = None,
+        skipped_bytes: int = 0,
     ) -> list[JobEvent]:
         """Append OUTPUT events and move log_cursor in one transaction; apply the log cap."""
         with self._db.write() as conn:
@@ -291,8 +292,9 @@ class SqliteRepository:
                 [(job_id, first_seq + i, chunk.stream.value, chunk.text, now)
                  for i, chunk in enumerate(texts)])
             added = sum(utf8_len(chunk.text) for chunk in texts)
-            conn.execute("UPDATE jobs SET log_cursor = ?, output_bytes = output_bytes + ? "
-                         "WHERE id = ?", (log_cursor, added, job_id))
+            conn.execute("UPDATE jobs SET log_cursor = ?, output_bytes = output_bytes + ?, "
+                         "dropped_bytes = dropped_bytes + ? WHERE id = ?",
+                         (log_cursor, added, max(skipped_bytes, 0), job_id))
             if keep_bytes is not None and job.output_bytes + added > keep_bytes:
                 _apply_cap(conn, job_id, keep_bytes)
             if not texts:

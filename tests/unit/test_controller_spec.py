@@ -22,14 +22,15 @@ def settings(**overrides: object) -> Settings:
 
 
 def test_name_image_labels_and_command() -> None:
-    spec = job_container_spec(settings(max_unpacked_bytes=1234, max_archive_entries=56), JOB_ID)
+    spec = job_container_spec(settings(max_unpacked_bytes=1234, max_archive_entries=56,
+                                       log_limit_bytes=789), JOB_ID)
     assert spec.image == "runner:test"
     assert spec.name == f"pfx_{JOB_ID}"
     assert spec.labels == {LABEL_JOB_ID: JOB_ID, LABEL_CONTROLLER_ID: "ctl-a"}
     assert spec.command[:2] == ("python3", RUNNER_PATH)
     args = dict(zip(spec.command[2::2], spec.command[3::2], strict=True))
     assert args == {"--archive": ARCHIVE_PATH, "--workdir": "/ci/work", "--max-bytes": "1234",
-                    "--max-entries": "56"}
+                    "--max-entries": "56", "--log-limit": "789"}
 
 
 def test_hardening_options() -> None:

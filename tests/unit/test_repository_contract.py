@@ -459,6 +459,17 @@ def test_keep_bytes_uses_utf8_sizes_and_handles_a_huge_chunk(repo: Repository, u
     assert repo.get_job(job.id).output_bytes == 5
 
 
+def test_skipped_bytes_count_as_dropped_in_the_marker(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    line = "x" * 99 + "\n"  # 100 bytes
+    repo.append_output(job.id, [out(line)] * 2, 1, keep_bytes=250)
+    repo.append_output(job.id, [out(line)] * 3, 2, keep_bytes=250, skipped_bytes=1000)
+    after = repo.get_job(job.id)
+    assert (after.output_bytes, after.dropped_bytes) == (200, 1300)
+    markers = [e for e in repo.list_events(job.id) if e.text.startswith("[ci] …")]
+    assert len(markers) == 1 and f"{format_size(1300)} of earlier output dropped" in markers[0].text
+
+
 def test_output_under_the_limit_is_untouched(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
     repo.append_output(job.id, [out("a" * 100)] * 3, 1, keep_bytes=300)
