@@ -67,6 +67,13 @@ class _StreamDropped(Exception):
     """The event stream broke in a way a reconnect may fix (internal to stream_events)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Position:
+    """Where a stream starts: the id of the server's opening message, which has no data."""
+
+    seq: int
+
+
 class CIClient:
     """A client for one CI service reachable at one or more server URLs."""
 
@@ -176,13 +183,20 @@ class CIClient:
         """
         policy = self.reconnect
         last_seq: int | None = None
+        opened_after: int | None = None  # where the first stream began, per the server
         delay = policy.initial_delay_s
         give_up_at = self._clock() + policy.give_up_after_s
         index = self._current
         while True:
             base = self.server_urls[index]
             try:
-                for event in self._stream_once(base, job_id, since, last_seq):
+                resume_after = last_seq if last_seq is not None else opened_after
+                for event in self._stream_once(base, job_id, since, resume_after):
+                    if isinstance(event, _Position):
+                        # A `since=now` stream that drops before its first event resumes here.
+                        if opened_after is None:
+                            opened_after = event.seq
+                        continue
                     if last_seq is not None and event.seq <= last_seq:
                         continue  # replayed after a reconnect: already shown
                     last_seq = event.seq
@@ -208,7 +222,7 @@ class CIClient:
 
     def _stream_once(
         self, base: str, job_id: str, since: Since, last_seq: int | None
-    ) -> Iterator[JobStreamEvent]:
+    ) -> Iterator[JobStreamEvent | _Position]:
         """One connection's worth of events (possibly replaying some already seen)."""
         headers = {} if last_seq is None else {"Last-Event-ID": str(last_seq)}
         url = f"{base}/jobs/{job_id}/events"
@@ -230,6 +244,8 @@ class CIClient:
                 event = parse_event(sse)
                 if event is not None:
                     yield event
+                elif not sse.data and sse.id.isascii() and sse.id.isdigit():
+                    yield _Position(int(sse.id))
 
 
 def raise_for_status(response: httpx.Response, job_id: str | None = None) -> None:

@@ -98,7 +98,9 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
     after = start_after(resume, last_seq)
     sent = after
     # Tells the client (and tests) the stream is live and where it starts; flushes proxies.
-    yield ServerSentEvent(comment=f"{OPENING_COMMENT} {after}")
+    # The id (no data: EventSource dispatches nothing) is where a reconnect must resume, so a
+    # `since=now` client whose stream drops before its first event misses nothing.
+    yield ServerSentEvent(comment=f"{OPENING_COMMENT} {after}", id=str(after))
     # Read from one event earlier than asked when the client is caught up: if that event is
     # the END of a finished job, the client still learns the outcome.
     async for event in _history(repository, job_id, min(after, max(last_seq - 1, 0))):

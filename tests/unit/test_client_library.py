@@ -154,6 +154,28 @@ def test_since_now_is_sent_and_a_quiet_stream_end_reconnects() -> None:
     assert servers.requests[1].headers["last-event-id"] == "7"
 
 
+def opening(after: int) -> bytes:
+    """The server's first message: a comment and the id the stream starts after, no data."""
+    return f": streaming events after {after}\nid: {after}\n\n".encode()
+
+
+def test_since_now_dropped_before_any_event_resumes_where_it_began() -> None:
+    drop = httpx.ReadError("connection reset by peer")
+    client, servers, _ = make_client([
+        stream([opening(12), b": keep-alive\n\n"], then=drop),
+        stream([opening(12), output(13, "printed while we were away\n"), end(14)]),
+    ])
+    events = list(client.stream_events(JOB, "now"))
+    assert [e.seq for e in events] == [13, 14]
+    assert servers.requests[1].headers["last-event-id"] == "12"
+
+
+def test_the_end_replayed_at_the_opening_position_is_not_taken_for_a_duplicate() -> None:
+    # A job that ended just before `since=now`: the server starts after the END and sends it.
+    client, _, _ = make_client([stream([opening(9), end(9)])])
+    assert [e.seq for e in client.stream_events(JOB, "now")] == [9]
+
+
 def test_read_timeout_and_5xx_are_retried_auth_errors_are_not() -> None:
     client, servers, _ = make_client([
         stream([status(1, "queued")], then=httpx.ReadTimeout("timed out")),
