@@ -59,6 +59,13 @@ class Process:
                 self.kill9()
 
 
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    labels: dict[str, str]
+    state: str  # created, running, exited, ...
+
+
 @dataclass
 class User:
     email: str
@@ -154,7 +161,7 @@ class Deployment:
                 api_key: str | None = None) -> list[str]:
         argv = [sys.executable, "-c", "from ci_client.cli import main; main()"]
         if server is not None:
-            argv += ["--server", server.url if isinstance(server, Process) else server]
+            argv += ["--server", str(server.url) if isinstance(server, Process) else server]
         if api_key is not None:
             argv += ["--api-key", api_key]
         return argv + list(args)
@@ -175,13 +182,20 @@ class Deployment:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     # ------------------------------------------------------------------ teardown
-    def containers(self) -> list[docker.models.containers.Container]:
+    def containers(self) -> list[ContainerInfo]:
+        """Containers labelled with this deployment's controller id, in any state.
+
+        One low-level listing: the SDK's `containers.list` inspects each container afterwards
+        and fails when the controller removes one in between.
+        """
         client = docker.from_env()
         try:
-            return client.containers.list(
+            rows = client.api.containers(
                 all=True, filters={"label": f"ci.controller_id={self.controller_id}"})
         finally:
             client.close()
+        return [ContainerInfo(id=row["Id"], labels=row.get("Labels") or {},
+                              state=row.get("State", "")) for row in rows]
 
     def close(self) -> None:
         for process in reversed(self.processes):

@@ -577,3 +577,30 @@ def test_run_forever_starts_a_new_job_quickly_and_stops_warm(
     container = runtime.by_job(job.id)
     assert container is not None and container.status is ContainerStatus.RUNNING
     hold.set()
+
+
+def test_a_crashed_supervisor_keeps_its_slot_until_its_container_is_adopted(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    """The container of a supervisor that died runs on: its slot must not go to another job."""
+    release = threading.Event()
+    runtime.default = FakeScript(steps=[release, *runner_frames(("phase", "tests exited 0"))])
+    jobs = [submit(repo, "a@example.com"), submit(repo, "b@example.com")]
+    runtime.fail["follow_output"] = CIError("the log stream broke")  # the first supervisor dies
+    skipped_s = [0.0]  # lets the test jump over the controller's pause before re-adopting
+    controller = Controller(settings(max_concurrent_jobs=1), repo, runtime,
+                            clock=lambda: time.monotonic() + skipped_s[0])
+    controllers.append(controller)
+    deadline = time.monotonic() + 10
+    while not all(repo.get_job(j.id).status.is_terminal for j in jobs):
+        assert time.monotonic() < deadline, "the jobs did not finish"
+        controller.run_once()
+        assert runtime.running_count() <= 1, "a second container started beside the orphan"
+        if runtime.running_count() == 1 and not release.is_set():
+            skipped_s[0] += 60.0  # past RETRY_AFTER_ERROR_S: the orphan is adopted now
+            for _ in range(20):
+                controller.run_once()
+                assert runtime.running_count() <= 1
+            release.set()
+        time.sleep(0.002)
+    assert runtime.max_running == 1
+    assert all(repo.get_job(j.id).status is JobStatus.COMPLETED for j in jobs)
