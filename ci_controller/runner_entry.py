@@ -278,6 +278,9 @@ class Runner:
         """Run command with its output framed; returns its exit code (negative: signal)."""
         if self.terminated:
             raise Terminated()
+        # Like a CI log: the command first, so the user sees which step an error belongs to.
+        shown = ["python" if word == sys.executable else word for word in command]
+        self.emitter.emit(STDOUT, "$ " + " ".join(shown) + "\n")
         # Its own session: SIGTERM and the final cleanup reach every process it started.
         child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,

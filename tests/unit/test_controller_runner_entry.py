@@ -149,6 +149,18 @@ def test_install_failure(tmp_path: Path) -> None:
     assert code == runner_entry.EXIT_INSTALL_FAILED
     assert phases(frames)[-1].startswith("install failed (exit ")
     assert "no-such-package-xyz" in output(frames) + output(frames, "stderr")
+    # The step the error belongs to is announced first, as in a CI log.
+    assert output(frames).startswith("$ python -m pip install --no-input --progress-bar off "
+                                     "-r requirements.txt\n")
+
+
+def test_each_step_is_announced_before_its_output(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip(project("def test_x():\n    pass\n")))
+    text = output(frames)
+    assert code == 0
+    announced = [line for line in text.splitlines() if line.startswith("$ ")]
+    assert announced[-1] == "$ python -m pytest -v -p no:cacheprovider"
+    assert text.index(announced[-1]) < text.index("test session starts")
 
 
 def test_invalid_archive(tmp_path: Path) -> None:
