@@ -7,7 +7,9 @@ with its whole output, its lines reaching the client promptly while the hostile 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.metadata
 import json
 import re
 import shutil
@@ -182,6 +184,12 @@ def vendored_project(root: Path, tests: dict[str, str], capture: bool = True) ->
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy(source, root / source.name)
+    # pytest asks importlib.metadata for its plugins' versions: bring their dist-info along.
+    for dist_name in ("pytest", "pluggy", "iniconfig", "packaging", "pygments"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info = Path(getattr(importlib.metadata.distribution(dist_name), "_path", ""))
+            if info.name.endswith(".dist-info"):
+                shutil.copytree(info, root / info.name, dirs_exist_ok=True)
     # Of pygments (10 MB), only the modules pytest imports: this process runs pytest too.
     for module in list(sys.modules.values()):
         source = Path(getattr(module, "__file__", None) or "")
