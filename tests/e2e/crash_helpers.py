@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import subprocess
 import threading
 import time
 from typing import Any
@@ -15,64 +14,6 @@ from tests.e2e.docker_proxy import DockerProxy
 from tests.e2e.harness import Deployment, Process
 
 
-class LineReader:
-    """Reads a process's stdout on a thread so a test can wait for a line with a deadline."""
-
-    def __init__(self, popen: subprocess.Popen[str]) -> None:
-        self.popen = popen
-        self.lines: list[str] = []
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, needle: str, timeout: float = 90) -> None:
-        """Block until a line containing needle was read; fail on EOF or timeout."""
-        if any(needle in line for line in self.lines):
-            return
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out waiting for {needle!r}; read: {self.text()!r}")
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                self._queue.put(None)  # later waits see the end too
-                raise AssertionError(f"output ended before {needle!r}: {self.text()!r}")
-            self.lines.append(line)
-            if needle in line:
-                return
-
-    def finish(self, timeout: float = 120) -> tuple[str, str, int]:
-        """Wait for the process to exit; its whole stdout, its stderr and its exit code."""
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise
-        self._thread.join(10)
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                self.lines.append(line)
-        assert self.popen.stderr is not None
-        return self.text(), self.popen.stderr.read(), self.popen.returncode
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
 def read_line(pipe: Any, timeout: float = 60) -> str:
     """One line from a text pipe, failing (not hanging) when none comes in time."""
     lines: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -81,13 +22,6 @@ def read_line(pipe: Any, timeout: float = 60) -> str:
         return lines.get(timeout=timeout)
     except queue.Empty:
         raise AssertionError(f"no line in {timeout} s") from None
-
-
-def job_id_from(text: str) -> str:
-    for line in text.splitlines():
-        if line.startswith("Job submitted: "):
-            return line.split(": ", 1)[1].strip()
-    raise AssertionError(f"no job id in: {text!r}")
 
 
 def get_job(server: Process, api_key: str, job_id: str) -> dict[str, Any]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -289,3 +291,76 @@ def numbered_lines_test(count: int, delay_s: float = 0.0) -> str:
 
 def numbered_lines_in(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"^line (\d+)$", text, flags=re.MULTILINE)]
+
+
+# ---------------------------------------------------------------------- live output
+class LineReader:
+    """Reads a process's stdout on a thread, so a test can wait for a line with a deadline.
+
+    `lines` holds what was read so far, `arrivals` when each line arrived (monotonic).
+    """
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self.popen = popen
+        self.lines: list[str] = []
+        self.arrivals: list[float] = []
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def _take(self, line: str) -> None:
+        self.lines.append(line)
+        self.arrivals.append(time.monotonic())
+
+    def wait_for(self, needle: str, timeout: float = 90) -> float:
+        """Block until a line containing needle was read; when it arrived. Fails, never hangs."""
+        deadline = time.monotonic() + timeout
+        checked = 0
+        while True:
+            for index in range(checked, len(self.lines)):
+                if needle in self.lines[index]:
+                    return self.arrivals[index]
+            checked = len(self.lines)
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no {needle!r} in time; read: {self.text()!r}") from None
+            if line is None:
+                self._queue.put(None)  # later waits see the end too
+                raise AssertionError(f"output ended before {needle!r}: {self.text()!r}")
+            self._take(line)
+
+    def finish(self, timeout: float = 120) -> tuple[str, str, int]:
+        """Wait for the process to exit; its whole stdout, its stderr and its exit code."""
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise
+        while (line := self._queue.get(timeout=10)) is not None:
+            self._take(line)
+        self._queue.put(None)
+        assert self.popen.stderr is not None
+        return self.text(), self.popen.stderr.read(), self.popen.returncode
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def job_id_from(text: str) -> str:
+    """The id in `ci submit test`'s "Job submitted: <id>" line."""
+    match = re.search(r"Job submitted: (\S+)", text)
+    assert match, f"no job id in: {text!r}"
+    return match.group(1)
+
+
+def submit_async(dep: Deployment, server: Process | str, project: Path, key: str) -> str:
+    """`ci submit test --async` in project; the new job's id."""
+    result = dep.ci("submit", "test", "--async", cwd=project, server=server, api_key=key)
+    assert result.returncode == 0, result.stderr
+    return job_id_from(result.stdout)

@@ -17,12 +17,10 @@ import pytest
 
 from tests.e2e.crash_helpers import (
     GatedProxy,
-    LineReader,
     StartWatch,
     assert_no_traceback,
     container_states,
     get_job,
-    job_id_from,
     read_line,
     wait_for_job,
     wait_until,
@@ -30,10 +28,12 @@ from tests.e2e.crash_helpers import (
 from tests.e2e.harness import (
     PASSING_TEST,
     Deployment,
+    LineReader,
     Process,
     free_port,
     numbered_lines_in,
     numbered_lines_test,
+    submit_async,
     write_project,
     zip_project,
 )
@@ -52,12 +52,6 @@ def watch(deployment: Deployment) -> Iterator[StartWatch]:
         yield starts
     finally:
         starts.close()
-
-
-def submit_async(dep: Deployment, server: Process, project: Path, key: str) -> str:
-    result = dep.ci("submit", "test", "--async", cwd=project, server=server, api_key=key)
-    assert result.returncode == 0, result.stderr
-    return job_id_from(result.stdout)
 
 
 def adoptions(controller: Process) -> dict[str, int]:

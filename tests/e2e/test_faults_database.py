@@ -9,7 +9,6 @@ nowhere.
 from __future__ import annotations
 
 import json
-import queue
 import re
 import subprocess
 import sys
@@ -24,9 +23,11 @@ import pytest
 from tests.e2e.harness import (
     PASSING_TEST,
     Deployment,
-    Process,
+    LineReader,
+    job_id_from,
     numbered_lines_in,
     numbered_lines_test,
+    submit_async,
     write_project,
     zip_project,
 )
@@ -45,52 +46,6 @@ conn.execute("COMMIT")
 print("released", flush=True)
 """
 LOCK_ERRORS = re.compile(r"database is locked|database is busy|Traceback", re.IGNORECASE)
-
-
-class LineReader:
-    """Reads a process's stdout on a thread; notes when each line arrived."""
-
-    def __init__(self, popen: subprocess.Popen[str]) -> None:
-        self.popen = popen
-        self.lines: list[tuple[float, str]] = []
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, needle: str, timeout: float = 90) -> float:
-        """Block until a line containing needle arrived; when it arrived (monotonic)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for at, line in self.lines:
-                if needle in line:
-                    return at
-            try:
-                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {needle!r} in time: {self.text()!r}") from None
-            if line is None:
-                raise AssertionError(f"output ended before {needle!r}: {self.text()!r}")
-            self.lines.append((time.monotonic(), line))
-
-    def finish(self, timeout: float = 120) -> tuple[str, str, int]:
-        """The process's whole stdout, its stderr and exit code, once it exited."""
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append((time.monotonic(), line))
-        assert self.popen.stderr is not None
-        return self.text(), self.popen.stderr.read(), self.popen.returncode
-
-    def text(self) -> str:
-        return "".join(line for _, line in self.lines)
 
 
 @pytest.fixture
@@ -112,18 +67,6 @@ def hold_lock(dep: Deployment, started: list[subprocess.Popen[str]]) -> LineRead
     reader = LineReader(proc)
     reader.wait_for("locked", timeout=30)
     return reader
-
-
-def submit_async(dep: Deployment, server: Process, project: Path, key: str) -> str:
-    result = dep.ci("submit", "test", "--async", cwd=project, server=server, api_key=key)
-    assert result.returncode == 0, result.stderr
-    return job_id_from(result.stdout)
-
-
-def job_id_from(text: str) -> str:
-    match = re.search(r"Job submitted: (\S+)", text)
-    assert match, text
-    return match.group(1)
 
 
 def timed_request(results: dict[str, tuple[httpx.Response, float]], name: str, method: str,

@@ -8,7 +8,6 @@ keeps running. The test removes a job's container through the real socket during
 from __future__ import annotations
 
 import json
-import queue
 import re
 import shutil
 import socket
@@ -27,9 +26,11 @@ from tests.e2e.docker_proxy import DockerProxy
 from tests.e2e.harness import (
     PASSING_TEST,
     Deployment,
+    LineReader,
     Process,
     numbered_lines_in,
     numbered_lines_test,
+    submit_async,
     write_project,
 )
 
@@ -148,53 +149,6 @@ class SlowEngineProxy(DockerProxy):
         if not to_engine:
             target = _Trickle(target, self)  # type: ignore[assignment]
         super()._pipe(source, target, to_engine)
-
-
-class LineReader:
-    """Reads a process's stdout on a thread so the test can wait for a line with a deadline."""
-
-    def __init__(self, popen: subprocess.Popen[str]) -> None:
-        self.popen = popen
-        self.lines: list[str] = []
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, needle: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(needle in line for line in self.lines):
-            try:
-                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {needle!r} in time: {''.join(self.lines)!r}") from None
-            if line is None:
-                raise AssertionError(f"output ended before {needle!r}: {''.join(self.lines)!r}")
-            self.lines.append(line)
-
-    def finish(self, timeout: float = 120) -> tuple[str, str, int]:
-        """The process's whole stdout, its stderr and exit code, once it exited."""
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        assert self.popen.stderr is not None
-        return "".join(self.lines), self.popen.stderr.read(), self.popen.returncode
-
-
-def submit_async(dep: Deployment, server: Process, project: Path, key: str) -> str:
-    result = dep.ci("submit", "test", "--async", cwd=project, server=server, api_key=key)
-    assert result.returncode == 0, result.stderr
-    match = re.search(r"Job submitted: (\S+)", result.stdout)
-    assert match, result.stdout
-    return match.group(1)
 
 
 def listed(dep: Deployment, server: Process, key: str) -> dict[str, dict[str, Any]]:

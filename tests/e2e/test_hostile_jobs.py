@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from ci_common.settings import parse_size
-from tests.e2e.harness import Deployment, Process, User, write_project
+from tests.e2e.harness import Deployment, Process, User, job_id_from, write_project
 
 pytestmark = pytest.mark.docker
 
@@ -142,6 +142,14 @@ class Neighbour:
             reader.start()
         return neighbour
 
+    def wait_until_running(self, timeout: float = 120) -> None:
+        """Until its first line arrived: a short hostile job submitted now runs beside it."""
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith("neighbour 1 ") for _, line in self.arrivals):
+            assert self.proc.poll() is None or self.arrivals, "the neighbour ended early"
+            assert time.monotonic() < deadline, "the neighbour never started printing"
+            time.sleep(0.05)
+
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -202,13 +210,6 @@ def vendored_project(root: Path, tests: dict[str, str], capture: bool = True) ->
     addopts = "" if capture else "addopts = -s\n"
     (root / "pytest.ini").write_text(f"[pytest]\ntestpaths = tests\n{addopts}")
     return root
-
-
-def job_id_from(text: str) -> str:
-    for line in text.splitlines():
-        if line.startswith("Job submitted: "):
-            return line.split(": ", 1)[1].strip()
-    raise AssertionError(f"no job id in: {text!r}")
 
 
 def start_site(deployment: Deployment, tmp_path: Path, **controller_env: str) -> Site:
@@ -407,8 +408,11 @@ def test_odd_output_is_stored_and_printed_faithfully(
     site = start_site(deployment, tmp_path, CI_LOG_LIMIT="10MB")
     project = vendored_project(tmp_path / "odd", {"test_odd.py": ODD_OUTPUT_TEST,
                                                  "conftest.py": ODD_CONFTEST}, capture=False)
-    odd_id = site.submit_async(project)
+    # This job is over in about a second: the neighbour is already printing when it starts,
+    # so the two surely run at the same time.
     neighbour = Neighbour.start(site)
+    neighbour.wait_until_running()
+    odd_id = site.submit_async(project)
     odd = site.wait_terminal(odd_id, timeout=120)
     neighbour.check()
     assert overlapped(odd, site.job(neighbour.job_id))

@@ -19,6 +19,7 @@ from tests.e2e.harness import (
     PASSING_TEST,
     SYNTAX_ERROR_TEST,
     Deployment,
+    job_id_from,
     numbered_lines_in,
     numbered_lines_test,
     write_project,
@@ -40,13 +41,6 @@ def server(dep: Deployment, index: int = 0):  # type: ignore[no-untyped-def]
 
 def submit(dep: Deployment, project: Path, key: str, *args: str):  # type: ignore[no-untyped-def]
     return dep.ci("submit", "test", *args, cwd=project, server=server(dep), api_key=key)
-
-
-def job_id_from(text: str) -> str:
-    for line in text.splitlines():
-        if line.startswith("Job submitted: "):
-            return line.split(": ", 1)[1].strip()
-    raise AssertionError(f"no job id in: {text!r}")
 
 
 def test_passing_project_streams_output_and_exits_0(running: Deployment, tmp_path: Path) -> None:
