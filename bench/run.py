@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,8 @@ def main() -> None:
 
     image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    ca_bundle = ssl.get_default_verify_paths().cafile
+    ca_bundle = subprocess.run([str(REPO_ROOT / "scripts" / "host-ca-bundle")], check=True,
+                               capture_output=True, text=True).stdout.strip()
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle)
     try:

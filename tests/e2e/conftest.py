@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +22,13 @@ def runner_image() -> str:
 
 
 @pytest.fixture(scope="session")
-def ca_bundle() -> str | None:
-    return os.environ.get("CI_CA_BUNDLE") or ssl.get_default_verify_paths().cafile
+def ca_bundle() -> str:
+    """The host's CA bundle for job containers (scripts/host-ca-bundle decides, in one place)."""
+    result = subprocess.run([str(REPO_ROOT / "scripts" / "host-ca-bundle")], capture_output=True,
+                            text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.fail(result.stderr.strip())
+    return result.stdout.strip()
 
 
 @pytest.fixture
