@@ -211,12 +211,14 @@ def remove_labelled_containers(label: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     try:
         while True:
-            containers = client.containers.list(all=True, filters={"label": label})
-            if not containers:
+            # The low-level listing: containers.list() inspects each container afterwards and
+            # fails when the controller removes one in between.
+            rows = client.api.containers(all=True, filters={"label": label})
+            if not rows:
                 return
-            for container in containers:
+            for row in rows:
                 try:
-                    container.remove(force=True)
+                    client.api.remove_container(row["Id"], force=True)
                 except docker.errors.NotFound:
                     pass
                 except docker.errors.APIError as exc:
