@@ -102,11 +102,12 @@ def create_key(repository: Repository, user: User, name: str,
     return CreatedKey(key=stored, plaintext=new.plaintext, user=user)
 
 
-def list_keys(repository: Repository, email: str | None = None) -> list[ApiKey]:
-    """Every key with its owner, or one user's keys when an email is given (oldest first)."""
-    if email is None:
+def list_keys(repository: Repository, email: str | None = None,
+              user_id: str | None = None) -> list[ApiKey]:
+    """Every key with its owner, or one user's keys (by email or id; oldest first)."""
+    if email is None and user_id is None:
         return repository.list_api_keys()
-    return repository.list_api_keys(find_user(repository, email=email).id)
+    return repository.list_api_keys(find_user(repository, user_id=user_id, email=email).id)
 
 
 @dataclass(frozen=True, slots=True)

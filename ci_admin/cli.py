@@ -5,7 +5,7 @@
                                      user get (--email E | ID) [--json]
                                      user activate ID | user deactivate ID
                                      key create (--email E | --user-id ID) --name N
-                                     key list [--email E] [--json]
+                                     key list [--email E | --user-id ID] [--json]
                                      key revoke KEY_ID
 
 The entry point builds `Settings` from `--db-path` / `CI_DB_PATH` and opens the repository on
@@ -210,11 +210,14 @@ def key_create(state: AdminState, email: str | None, user_id: str | None, name: 
 
 @key.command("list")
 @click.option("--email", help="Only this user's keys.")
+@click.option("--user-id", help="Only the keys of the user with this ID.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_obj
-def key_list(state: AdminState, email: str | None, as_json: bool) -> None:
+def key_list(state: AdminState, email: str | None, user_id: str | None, as_json: bool) -> None:
     """List API keys (never the keys themselves) with their owners."""
-    keys = actions.list_keys(state.repository, email)
+    if email is not None and user_id is not None:
+        raise click.UsageError("give --email or --user-id, not both")
+    keys = actions.list_keys(state.repository, email, user_id)
     if as_json:
         click.echo(render.json_list([render.key_json(k) for k in keys]))
     else:

@@ -34,6 +34,13 @@ class Repository(Protocol):
         plus a counter of this process's own commits; PostgreSQL would use LISTEN/NOTIFY.
         """
 
+    def installation_id(self) -> str:
+        """This installation's random id, made with the database and never changed.
+
+        Job containers carry it as a label: a controller touches only containers of its own
+        installation, so two installations can share one Docker engine.
+        """
+
     # ----------------------------------------------------------------- users
     def create_user(self, name: str, email: str) -> User:
         """Create an active user. Raises AlreadyExists if the email is taken (case-insensitive)."""

@@ -1,6 +1,7 @@
 """The controller: reconciles this controller's job rows with its containers.
 
-`run_once()` compares the jobs this controller owns with the containers carrying its label:
+`run_once()` compares the jobs this controller owns with the containers carrying its labels
+(its installation id and controller id; containers of another installation are never touched):
 it forwards cancel requests, adopts containers nobody follows (after a restart), restarts
 claimed jobs whose container never started, fails running jobs whose container is gone, removes
 containers of finished jobs, and claims queued jobs while fewer than `max_concurrent_jobs` run.
@@ -26,7 +27,12 @@ from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_controller.outcome import REASON_CONTAINER_LOST, cancelled_before_start
 from ci_controller.runtime import ContainerRuntime, ContainerState, ContainerStatus
-from ci_controller.spec import LABEL_JOB_ID, controller_labels
+from ci_controller.spec import (
+    LABEL_CONTROLLER_ID,
+    LABEL_INSTALLATION_ID,
+    LABEL_JOB_ID,
+    controller_labels,
+)
 from ci_controller.supervisor import JobSupervisor, describe
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,8 @@ class Controller:
         self._clock = clock  # monotonic seconds for reconcile and retry windows (tests step it)
         self.repository = repository
         self.runtime = runtime
+        self.installation_id = repository.installation_id()
+        self._legacy_reported: set[str] = set()  # unlabelled containers logged once each
         self._lock = threading.Lock()
         self._supervisors: dict[str, JobSupervisor] = {}
         self._retry_at: dict[str, float] = {}  # job id → when to try adopting it again
@@ -93,13 +101,15 @@ class Controller:
             if self._engine_down and now < self._engine_retry_at:
                 return did_work
             try:
-                containers = self.runtime.list(controller_labels(self.settings))
+                containers = self.runtime.list(controller_labels(self.settings,
+                                                                 self.installation_id))
+                legacy = self._legacy_containers(jobs)
             except RuntimeUnavailable as exc:
                 self.note_engine_down(exc)
                 return did_work
             self._note_engine_up()
             self._next_full = now + self.settings.reconcile_interval_s
-            by_job = {c.labels.get(LABEL_JOB_ID, ""): c for c in containers}
+            by_job = {c.labels.get(LABEL_JOB_ID, ""): c for c in [*legacy, *containers]}
             for job in unattached:
                 try:
                     did_work = self._recover(job, by_job.get(job.id)) or did_work
@@ -234,6 +244,26 @@ class Controller:
         return JobOutcome(status=JobStatus.FAILED, exit_code=None, success=False,
                           reason=REASON_CONTAINER_LOST)
 
+    def _legacy_containers(self, jobs: list[Job]) -> list[ContainerState]:
+        """Containers made before installation labels existed that are surely ours.
+
+        Such a container carries only the controller id, which another installation on this
+        engine may share (it defaults to the host name). It is ours only when its job id is a
+        running job of ours in this database; any other is left alone, and logged once.
+        """
+        running = {job.id for job in jobs if job.status is JobStatus.RUNNING}
+        found = []
+        for container in self.runtime.list({LABEL_CONTROLLER_ID: self.settings.controller_id}):
+            if LABEL_INSTALLATION_ID in container.labels:
+                continue
+            if container.labels.get(LABEL_JOB_ID, "") in running:
+                found.append(container)
+            elif container.id not in self._legacy_reported:
+                self._legacy_reported.add(container.id)
+                log.info("leaving container %s alone: it has no installation label and its job "
+                         "is not a running job of this installation", container.id[:12])
+        return found
+
     def _sweep(self, containers: list[ContainerState], live_job_ids: set[str]) -> bool:
         """Remove containers of ours whose job is finished (or unknown) and nobody follows."""
         removed = False
@@ -250,6 +280,7 @@ class Controller:
 
     def _spawn(self, job: Job, container_id: str | None = None) -> None:
         supervisor = JobSupervisor(self.settings, self.repository, self.runtime, job,
+                                   installation_id=self.installation_id,
                                    container_id=container_id, on_done=self._supervisor_done,
                                    on_engine_down=self.note_engine_down,
                                    claimed_at=time.monotonic())

@@ -15,6 +15,7 @@ from ci_controller.runtime import ContainerSpec, Mount
 
 LABEL_JOB_ID = "ci.job_id"
 LABEL_CONTROLLER_ID = "ci.controller_id"
+LABEL_INSTALLATION_ID = "ci.installation_id"
 
 RUNNER_DIR = "/ci"
 RUNNER_PATH = f"{RUNNER_DIR}/runner_entry.py"
@@ -48,9 +49,13 @@ def container_name(settings: Settings, job_id: str) -> str:
     return f"{settings.container_prefix}{job_id}"
 
 
-def controller_labels(settings: Settings) -> dict[str, str]:
-    """The labels that select every container this controller owns."""
-    return {LABEL_CONTROLLER_ID: settings.controller_id}
+def controller_labels(settings: Settings, installation_id: str) -> dict[str, str]:
+    """The labels that select every container this controller owns.
+
+    The controller id alone is not enough: it defaults to the host name, so two installations
+    on one engine share it. The installation id tells them apart.
+    """
+    return {LABEL_INSTALLATION_ID: installation_id, LABEL_CONTROLLER_ID: settings.controller_id}
 
 
 def runner_command(settings: Settings) -> tuple[str, ...]:
@@ -78,7 +83,7 @@ def log_file_bytes(settings: Settings) -> int:
     return max(2 * settings.log_limit_bytes, MIN_LOG_FILE_BYTES)
 
 
-def job_container_spec(settings: Settings, job_id: str) -> ContainerSpec:
+def job_container_spec(settings: Settings, job_id: str, installation_id: str) -> ContainerSpec:
     """The hardened container spec for one job."""
     mounts: tuple[Mount, ...] = ()
     if settings.ca_bundle:
@@ -87,7 +92,7 @@ def job_container_spec(settings: Settings, job_id: str) -> ContainerSpec:
         image=settings.runner_image,
         name=container_name(settings, job_id),
         command=runner_command(settings),
-        labels={LABEL_JOB_ID: job_id, LABEL_CONTROLLER_ID: settings.controller_id},
+        labels={LABEL_JOB_ID: job_id, **controller_labels(settings, installation_id)},
         environment=container_environment(settings),
         working_dir=RUNNER_DIR,
         mounts=mounts,

@@ -34,7 +34,13 @@ from ci_controller.outcome import (
     start_failed,
 )
 from ci_controller.runtime import ContainerRuntime, ContainerStatus
-from ci_controller.spec import ARCHIVE_PATH, LABEL_JOB_ID, RUNNER_PATH, job_container_spec
+from ci_controller.spec import (
+    ARCHIVE_PATH,
+    LABEL_INSTALLATION_ID,
+    LABEL_JOB_ID,
+    RUNNER_PATH,
+    job_container_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ class JobSupervisor:
     """Runs (or adopts) one job's container in a thread until the job is finished."""
 
     def __init__(self, settings: Settings, repository: Repository, runtime: ContainerRuntime,
-                 job: Job, *, container_id: str | None = None,
+                 job: Job, *, installation_id: str, container_id: str | None = None,
                  on_done: Callable[[JobSupervisor], None] = lambda supervisor: None,
                  on_engine_down: Callable[[RuntimeUnavailable], None] = lambda exc: None,
                  claimed_at: float | None = None) -> None:
@@ -98,6 +104,7 @@ class JobSupervisor:
         self._settings = settings
         self._repository = repository
         self._runtime = runtime
+        self._installation_id = installation_id
         self._adopting = container_id is not None
         self._container_id = container_id
         self._on_done = on_done
@@ -190,7 +197,7 @@ class JobSupervisor:
             return
         container_id: str | None = None
         try:
-            for leftover in self._runtime.list({LABEL_JOB_ID: job.id}):
+            for leftover in self._runtime.list(self._own_labels(job)):
                 self._runtime.remove(leftover.id)
             archive = self._repository.get_archive(job.id)
             container_id = self._create(job)
@@ -220,9 +227,13 @@ class JobSupervisor:
                  container_id[:12], self.start_latency_s * 1000)
         self._follow(container_id, stored_through=0)
 
+    def _own_labels(self, job: Job) -> dict[str, str]:
+        """Labels of this job's containers in this installation (never another's)."""
+        return {LABEL_JOB_ID: job.id, LABEL_INSTALLATION_ID: self._installation_id}
+
     def _create(self, job: Job) -> str:
         """Create the job's container, replacing one a killed controller's late request made."""
-        spec = job_container_spec(self._settings, job.id)
+        spec = job_container_spec(self._settings, job.id, self._installation_id)
         try:
             return self._runtime.create(spec)
         except RuntimeUnavailable:
@@ -230,7 +241,7 @@ class JobSupervisor:
         except CIError:
             # A create sent just before the previous controller was killed can reach the engine
             # after the leftover check: the name is then taken by a container that never ran.
-            leftovers = self._runtime.list({LABEL_JOB_ID: job.id})
+            leftovers = self._runtime.list(self._own_labels(job))
             if not leftovers or any(c.status is not ContainerStatus.CREATED for c in leftovers):
                 raise
         for leftover in leftovers:

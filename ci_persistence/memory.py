@@ -68,6 +68,7 @@ class InMemoryRepository:
         self._event_ids: list[int] = []  # every id ever given, ascending (some since dropped)
         self._job_event_ids: dict[str, list[int]] = {}
         self._last_event_id = 0
+        self._installation_id = uuid.uuid4().hex
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -80,6 +81,10 @@ class InMemoryRepository:
 
     def _changed(self) -> None:
         self._changes += 1
+
+    def installation_id(self) -> str:
+        """A random id made with this repository."""
+        return self._installation_id
 
     # ----------------------------------------------------------------- users
     def create_user(self, name: str, email: str) -> User:

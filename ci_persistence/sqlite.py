@@ -79,6 +79,7 @@ class SqliteRepository:
             self.schema_version = migrate(setup, self._db.busy_timeout_s)
         finally:
             setup.close()
+        self._installation_id: str | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -88,6 +89,12 @@ class SqliteRepository:
     def change_token(self) -> int:
         """Differs after any commit by anyone (data_version plus this process's commits)."""
         return self._db.change_token()
+
+    def installation_id(self) -> str:
+        """The id migration 0002 stored; read once, it never changes."""
+        if self._installation_id is None:
+            self._installation_id = str(self._db.query("SELECT id FROM installation")[0][0])
+        return self._installation_id
 
     # ----------------------------------------------------------------- users
     def create_user(self, name: str, email: str) -> User:

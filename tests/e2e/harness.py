@@ -1,8 +1,8 @@
 """Real deployments for end-to-end tests: server and controller processes on free ports.
 
-Each `Deployment` owns a temp database, a unique controller id and container prefix, and the
-processes it started; `close()` kills them and removes every container labelled with its
-controller id, so tests running in parallel (pytest -n auto) never see each other's jobs.
+Each `Deployment` owns a temp database (so its own installation id), a container prefix, and
+the processes it started; `close()` kills them and removes every container labelled with its
+installation id, so tests running in parallel (pytest -n auto) never see each other's jobs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import queue
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -91,7 +92,27 @@ class Deployment:
 
     @property
     def controller_id(self) -> str:
-        return f"test-{self.run_id}"
+        return self.extra_env.get("CI_CONTROLLER_ID", f"test-{self.run_id}")
+
+    def installation_id(self) -> str | None:
+        """The id the database was given at creation (None before any service made it)."""
+        if not self.db_path.exists():
+            return None
+        conn = sqlite3.connect(self.db_path)
+        try:
+            row = conn.execute("SELECT id FROM installation").fetchone()
+        except sqlite3.OperationalError:  # not migrated yet
+            return None
+        finally:
+            conn.close()
+        return None if row is None else str(row[0])
+
+    def label(self) -> str:
+        """The label that selects this deployment's containers, and no other deployment's."""
+        installation = self.installation_id()
+        if installation is not None:
+            return f"ci.installation_id={installation}"
+        return f"ci.controller_id={self.controller_id}"
 
     @property
     def container_prefix(self) -> str:
@@ -185,7 +206,7 @@ class Deployment:
 
     # ------------------------------------------------------------------ teardown
     def containers(self) -> list[ContainerInfo]:
-        """Containers labelled with this deployment's controller id, in any state.
+        """Containers of this deployment (its installation label), in any state.
 
         One low-level listing: the SDK's `containers.list` inspects each container afterwards
         and fails when the controller removes one in between.
@@ -193,7 +214,7 @@ class Deployment:
         client = docker.from_env()
         try:
             rows = client.api.containers(
-                all=True, filters={"label": f"ci.controller_id={self.controller_id}"})
+                all=True, filters={"label": self.label()})
         finally:
             client.close()
         return [ContainerInfo(id=row["Id"], labels=row.get("Labels") or {},
@@ -202,7 +223,7 @@ class Deployment:
     def close(self) -> None:
         for process in reversed(self.processes):
             process.kill9()
-        remove_labelled_containers(f"ci.controller_id={self.controller_id}")
+        remove_labelled_containers(self.label())
 
 
 def remove_labelled_containers(label: str, timeout: float = 30) -> None:

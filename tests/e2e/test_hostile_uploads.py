@@ -474,7 +474,7 @@ def test_runner_writes_nothing_outside_its_work_dir(runner_image: str, case: str
     runtime = DockerRuntime()
     client = docker.from_env()
     try:
-        container_id = runtime.create(job_container_spec(settings, f"diff-{tag}"))
+        container_id = runtime.create(job_container_spec(settings, f"diff-{tag}", tag))
         runtime.put_files(container_id, {RUNNER_PATH: runner_source(),
                                          ARCHIVE_PATH: RUNNER_REFUSES[case][0]})
         runtime.start(container_id)

@@ -290,6 +290,19 @@ def test_key_list_all_and_per_user_never_shows_secrets(repo: InMemoryRepository)
         assert hash_key(plaintext) not in everything
 
 
+def test_key_list_by_user_id(repo: InMemoryRepository) -> None:
+    add_user(repo, "ann@example.com")
+    bob = add_user(repo, "bob@example.com", "Bob")
+    add_key(repo, "ann@example.com", "ann-laptop")
+    _, bob_key_id = add_key(repo, "bob@example.com", "bob-ci")
+    rows = json.loads(ok(repo, "key", "list", "--user-id", bob.id, "--json").stdout)
+    assert [row["id"] for row in rows] == [bob_key_id]
+    assert "ann-laptop" not in ok(repo, "key", "list", "--user-id", bob.id).stdout
+    assert fails(repo, 1, "key", "list", "--user-id", "nobody").startswith("Error: ")
+    both = fails(repo, 2, "key", "list", "--user-id", bob.id, "--email", "bob@example.com")
+    assert "not both" in both
+
+
 def test_key_list_for_unknown_email(repo: InMemoryRepository) -> None:
     assert fails(repo, 1, "key", "list", "--email", "x@y.z") == "Error: user not found: x@y.z\n"
 

@@ -127,7 +127,7 @@ def test_claim_run_finish(repo: CountingRepository, runtime: FakeRuntime,
     # the container got the runner and the job's archive, and is gone afterwards
     container_id = done.container_id
     assert container_id in runtime.removed and runtime.by_job(job.id) is None
-    spec = job_container_spec(controller.settings, job.id)
+    spec = job_container_spec(controller.settings, job.id, repo.installation_id())
     assert runtime.removed and spec.name == f"t_{job.id}"
     messages = [r.getMessage() for r in caplog.records]
     assert any("claimed" in m and job.id in m for m in messages)
@@ -147,7 +147,7 @@ def test_container_gets_runner_and_archive(repo: CountingRepository,
     container = runtime.by_job(job.id)
     assert container is not None
     assert container.files == {RUNNER_PATH: runner_source(), ARCHIVE_PATH: ARCHIVE}
-    assert container.spec == job_container_spec(controller.settings, job.id)
+    assert container.spec == job_container_spec(controller.settings, job.id, repo.installation_id())
     held.set()
     finish(controller, repo, job.id)
 
@@ -321,7 +321,7 @@ def test_adoption_of_an_exited_container_skips_stored_frames(
     assert claimed is not None and claimed.id == job.id
     runtime.scripts[job.id] = FakeScript(steps=runner_frames(
         *numbered(1, 6), ("phase", "tests exited 1")), exit_code=1)
-    container_id = runtime.create(job_container_spec(cfg, job.id))
+    container_id = runtime.create(job_container_spec(cfg, job.id, repo.installation_id()))
     runtime.start(container_id)
     assert runtime.wait(container_id, 5)
     repo.mark_running(job.id, container_id, claimed.created_at)
@@ -341,7 +341,8 @@ def test_claimed_but_never_started_is_started_fresh(repo: CountingRepository,
     job = submit(repo)
     cfg = settings()
     assert repo.claim_next_job(cfg.controller_id) is not None
-    leftover = runtime.create(job_container_spec(cfg, job.id))  # created, never started
+    # created, never started
+    leftover = runtime.create(job_container_spec(cfg, job.id, repo.installation_id()))
     controller = make_controller(repo, runtime, controllers)
     assert controller.run_once() is True
     done = finish(controller, repo, job.id)
@@ -414,9 +415,9 @@ def test_sweep_removes_containers_of_finished_jobs(repo: CountingRepository,
                                                    controllers: list[Controller]) -> None:
     job = submit(repo)
     cfg = settings()
-    orphan = runtime.create(job_container_spec(cfg, job.id))
+    orphan = runtime.create(job_container_spec(cfg, job.id, repo.installation_id()))
     other = runtime.create(job_container_spec(replace(cfg, controller_id="someone-else"),
-                                              "other-job"))
+                                              "other-job", repo.installation_id()))
     repo.request_cancel(job.id, job.user_id)  # the job is over; its container is not
     controller = make_controller(repo, runtime, controllers)
     assert controller.run_once() is True
@@ -604,3 +605,63 @@ def test_a_crashed_supervisor_keeps_its_slot_until_its_container_is_adopted(
         time.sleep(0.002)
     assert runtime.max_running == 1
     assert all(repo.get_job(j.id).status is JobStatus.COMPLETED for j in jobs)
+
+
+# ----------------------------------------------------------------------------- installations
+def test_another_installations_containers_are_never_touched(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    """Two installations on one engine, same controller id: neither sweeps the other's jobs."""
+    neighbour = InMemoryRepository()  # the other installation's database
+    theirs = submit(neighbour)
+    hold = threading.Event()
+    runtime.scripts[theirs.id] = FakeScript(steps=[hold])  # runs until the test ends
+    running = runtime.create(job_container_spec(settings(), theirs.id,
+                                                neighbour.installation_id()))
+    runtime.start(running)
+    finished = runtime.create(job_container_spec(settings(), "finished-elsewhere",
+                                                 neighbour.installation_id()))
+    controller = make_controller(repo, runtime, controllers)
+    job = submit(repo)
+    controller.run_once()
+    assert finish(controller, repo, job.id).status is JobStatus.COMPLETED
+    controller.run_once()  # a full reconcile (interval 0) with the neighbour's containers there
+    assert running not in runtime.removed and finished not in runtime.removed
+    assert runtime.containers[running].status is ContainerStatus.RUNNING
+    assert runtime.containers[running].signals == []
+    hold.set()
+
+
+def _legacy_spec(job_id: str) -> ContainerSpec:
+    """A container as made before installation labels: job id and controller id only."""
+    spec = job_container_spec(settings(), job_id, "unused")
+    labels = {k: v for k, v in spec.labels.items() if k != "ci.installation_id"}
+    return replace(spec, labels=labels)
+
+
+def test_an_unlabelled_container_of_our_running_job_is_adopted(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    runtime.default = FakeScript(steps=runner_frames(*numbered(1, 3), ("phase", "tests exited 0")))
+    job = submit(repo)
+    repo.claim_next_job("ctl-1")
+    container_id = runtime.create(_legacy_spec(job.id))
+    runtime.start(container_id)
+    repo.mark_running(job.id, container_id, job.created_at)
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()
+    done = finish(controller, repo, job.id)
+    assert (done.status, done.success) == (JobStatus.COMPLETED, True)
+    assert text_of(repo, job.id) == expected_lines(1, 3)
+
+
+def test_an_unlabelled_container_of_an_unknown_job_is_left_alone_and_logged_once(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ci_controller")
+    stranger = runtime.create(_legacy_spec("job-of-another-installation"))
+    runtime.start(stranger)
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()
+    controller.run_once()
+    assert stranger not in runtime.removed
+    assert runtime.containers[stranger].signals == []
+    assert sum("no installation label" in r.getMessage() for r in caplog.records) == 1

@@ -7,6 +7,7 @@ from ci_controller.spec import (
     ARCHIVE_PATH,
     CA_BUNDLE_PATH,
     LABEL_CONTROLLER_ID,
+    LABEL_INSTALLATION_ID,
     LABEL_JOB_ID,
     MIN_LOG_FILE_BYTES,
     RUNNER_PATH,
@@ -14,6 +15,7 @@ from ci_controller.spec import (
 )
 
 JOB_ID = "0b7c2f0e-1111-4222-8333-444455556666"
+INSTALLATION = "5f0e2a9c4b1d4e6f8a7b9c0d1e2f3a4b"
 
 
 def settings(**overrides: object) -> Settings:
@@ -23,10 +25,11 @@ def settings(**overrides: object) -> Settings:
 
 def test_name_image_labels_and_command() -> None:
     spec = job_container_spec(settings(max_unpacked_bytes=1234, max_archive_entries=56,
-                                       log_limit_bytes=789), JOB_ID)
+                                       log_limit_bytes=789), JOB_ID, INSTALLATION)
     assert spec.image == "runner:test"
     assert spec.name == f"pfx_{JOB_ID}"
-    assert spec.labels == {LABEL_JOB_ID: JOB_ID, LABEL_CONTROLLER_ID: "ctl-a"}
+    assert spec.labels == {LABEL_JOB_ID: JOB_ID, LABEL_CONTROLLER_ID: "ctl-a",
+                           LABEL_INSTALLATION_ID: INSTALLATION}
     assert spec.command[:2] == ("python3", RUNNER_PATH)
     args = dict(zip(spec.command[2::2], spec.command[3::2], strict=True))
     assert args == {"--archive": ARCHIVE_PATH, "--workdir": "/ci/work", "--max-bytes": "1234",
@@ -34,7 +37,7 @@ def test_name_image_labels_and_command() -> None:
 
 
 def test_hardening_options() -> None:
-    spec = job_container_spec(settings(), JOB_ID)
+    spec = job_container_spec(settings(), JOB_ID, INSTALLATION)
     assert spec.privileged is False
     assert spec.cap_drop == ("ALL",)
     assert spec.cap_add == ()  # pip and pytest run as root with no capability (see e2e tier)
@@ -44,7 +47,7 @@ def test_hardening_options() -> None:
 
 def test_limits_come_from_settings_and_swap_is_off() -> None:
     spec = job_container_spec(settings(job_pids_limit=77, job_memory_bytes=300 * 1024**2,
-                                       job_cpus=1.5), JOB_ID)
+                                       job_cpus=1.5), JOB_ID, INSTALLATION)
     assert spec.pids_limit == 77
     assert spec.mem_limit_bytes == 300 * 1024**2
     assert spec.memswap_limit_bytes == spec.mem_limit_bytes
@@ -52,18 +55,19 @@ def test_limits_come_from_settings_and_swap_is_off() -> None:
 
 
 def test_log_file_is_capped() -> None:
-    small = job_container_spec(settings(log_limit_bytes=1024), JOB_ID)
+    small = job_container_spec(settings(log_limit_bytes=1024), JOB_ID, INSTALLATION)
     assert small.log_config["type"] == "json-file"
     config = small.log_config["config"]
     assert isinstance(config, dict)
     assert int(config["max-size"]) == MIN_LOG_FILE_BYTES
-    big = job_container_spec(settings(log_limit_bytes=100 * 1024**2), JOB_ID).log_config["config"]
+    big = job_container_spec(settings(log_limit_bytes=100 * 1024**2), JOB_ID,
+                             INSTALLATION).log_config["config"]
     assert isinstance(big, dict)
     assert int(big["max-size"]) == 200 * 1024**2
 
 
 def test_environment_without_ca_bundle_mounts_nothing() -> None:
-    spec = job_container_spec(settings(), JOB_ID)
+    spec = job_container_spec(settings(), JOB_ID, INSTALLATION)
     assert spec.environment == {
         "PYTHONUNBUFFERED": "1",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
@@ -74,7 +78,8 @@ def test_environment_without_ca_bundle_mounts_nothing() -> None:
 
 
 def test_ca_bundle_is_mounted_read_only_and_named_in_the_environment() -> None:
-    spec = job_container_spec(settings(ca_bundle="/etc/ssl/certs/ca-certificates.crt"), JOB_ID)
+    spec = job_container_spec(settings(ca_bundle="/etc/ssl/certs/ca-certificates.crt"), JOB_ID,
+                              INSTALLATION)
     assert len(spec.mounts) == 1
     mount = spec.mounts[0]
     assert (mount.source, mount.target, mount.read_only) == (
@@ -85,6 +90,7 @@ def test_ca_bundle_is_mounted_read_only_and_named_in_the_environment() -> None:
 
 
 def test_no_engine_socket_or_other_host_path() -> None:
-    spec = job_container_spec(settings(ca_bundle="/etc/ssl/certs/ca-certificates.crt"), JOB_ID)
+    spec = job_container_spec(settings(ca_bundle="/etc/ssl/certs/ca-certificates.crt"), JOB_ID,
+                              INSTALLATION)
     assert all("docker.sock" not in m.source for m in spec.mounts)
     assert [m.source for m in spec.mounts] == ["/etc/ssl/certs/ca-certificates.crt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from ci_common.repository import Repository
 from ci_common.settings import format_size
 from ci_common.wire import EndData
 from ci_persistence import InMemoryRepository, SqliteRepository
+from ci_persistence.migrate import load_migrations
 
 CTRL = "controller-1"
 PASSED = JobOutcome(status=JobStatus.COMPLETED, exit_code=0, success=True, reason=None)
@@ -66,6 +68,38 @@ def running_job(repo: Repository, user: User) -> Job:
 
 def is_aware_utc(when: datetime | None) -> bool:
     return when is not None and when.utcoffset() == timedelta(0)
+
+
+# --------------------------------------------------------------------------- installation
+def test_installation_id_is_random_per_database_and_stable(repo: Repository,
+                                                           tmp_path: Path) -> None:
+    first = repo.installation_id()
+    assert len(first) == 32 and int(first, 16) >= 0
+    assert repo.installation_id() == first
+    other = SqliteRepository(str(tmp_path / "other.db"))
+    try:
+        assert other.installation_id() != first
+    finally:
+        other.close()
+
+
+def test_installation_id_survives_reopening_and_is_given_to_an_old_database(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)  # a database as schema version 1 left it
+    for statement in load_migrations()[0].statements:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    upgraded = SqliteRepository(path)
+    given = upgraded.installation_id()
+    upgraded.close()
+    reopened = SqliteRepository(path)
+    try:
+        assert reopened.installation_id() == given
+    finally:
+        reopened.close()
 
 
 # --------------------------------------------------------------------------- lifecycle
