@@ -7,6 +7,7 @@
                                      key create (--email E | --user-id ID) --name N
                                      key list [--email E | --user-id ID] [--json]
                                      key revoke KEY_ID
+                                     controller list [--json]
 
 The entry point builds `Settings` from `--db-path` / `CI_DB_PATH` and opens the repository on
 first use (so `--help` never touches the database). Tests inject a repository instead:
@@ -26,6 +27,7 @@ from typing import Any
 import click
 
 from ci_admin import actions, render
+from ci_common.models import utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_persistence import open_repository
@@ -35,8 +37,9 @@ class AdminState:
     """What the commands share through `ctx.obj`: the repository, opened on first use."""
 
     def __init__(self, opener: Callable[[], Repository], db_path: str | None,
-                 *, owned: bool = True) -> None:
+                 *, owned: bool = True, settings: Settings | None = None) -> None:
         self._opener = opener
+        self.settings = settings or Settings.from_env({})
         self._repository: Repository | None = None
         self._owned = owned
         self.db_path = db_path
@@ -103,7 +106,7 @@ def cli(ctx: click.Context, db_path: str | None, debug: bool) -> None:
         ctx.obj = AdminState.injected(ctx.obj)
         return
     settings = Settings.from_env(db_path=db_path)
-    state = AdminState(lambda: open_repository(settings), settings.db_path)
+    state = AdminState(lambda: open_repository(settings), settings.db_path, settings=settings)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -230,6 +233,30 @@ def key_list(state: AdminState, email: str | None, user_id: str | None, as_json:
 def key_revoke(state: AdminState, key_id: str) -> None:
     """Revoke an API key: it is refused from the next request on."""
     click.echo(render.key_revoked(actions.revoke_key(state.repository, key_id)))
+
+
+# ---------------------------------------------------------------------------- controllers
+
+
+@cli.group()
+def controller() -> None:
+    """Inspect the controllers registered in this database."""
+
+
+@controller.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.pass_obj
+def controller_list(state: AdminState, as_json: bool) -> None:
+    """List controllers: holder, heartbeat age, running jobs, and whether each is alive.
+
+    A controller is alive while its heartbeat is younger than CI_CONTROLLER_LEASE seconds.
+    """
+    leases = state.repository.list_leases()
+    now, lease_s = utcnow(), state.settings.controller_lease_s
+    if as_json:
+        click.echo(render.json_list([render.controller_json(c, now, lease_s) for c in leases]))
+    else:
+        click.echo(render.controllers_table(leases, now, lease_s))
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ci_admin.actions import ActiveChange, CreatedKey, Revocation
 from ci_common.errors import CIError
-from ci_common.models import ApiKey, User
+from ci_common.models import ApiKey, ControllerLease, User
 
 _COLUMN_GAP = "   "
 
@@ -152,6 +152,34 @@ def keys_table(keys: Sequence[ApiKey]) -> str:
     rows = [[k.id, k.name, k.prefix, k.user_email, _yes_no(k.is_active),
              format_time(k.created_at), format_time(k.last_used_at)] for k in keys]
     return table(["KEY ID", "NAME", "PREFIX", "USER", "ACTIVE", "CREATED", "LAST USED"], rows)
+
+
+def controller_json(lease: ControllerLease, now: datetime, lease_s: float) -> dict[str, Any]:
+    """A controller as a JSON object (never its lease token)."""
+    return {
+        "id": lease.id,
+        "host": lease.host,
+        "pid": lease.pid,
+        "version": lease.version,
+        "started_at": lease.started_at.isoformat(),
+        "heartbeat_at": lease.heartbeat_at.isoformat(),
+        "heartbeat_age_s": round(lease.heartbeat_age_s(now), 1),
+        "running_jobs": lease.running_jobs,
+        "stopped": lease.stopped,
+        "alive": lease.is_alive(now, lease_s),
+    }
+
+
+def controllers_table(leases: Sequence[ControllerLease], now: datetime, lease_s: float) -> str:
+    """`controller list`: each controller id, its holder, heartbeat age, jobs and liveness."""
+    if not leases:
+        return "No controllers."
+    rows = [[c.id, c.host, str(c.pid), c.version, format_time(c.started_at),
+             f"{c.heartbeat_age_s(now):.0f} s ago", str(c.running_jobs),
+             "yes" if c.is_alive(now, lease_s) else ("no (stopped)" if c.stopped else "no")]
+            for c in leases]
+    return table(["CONTROLLER", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "JOBS",
+                  "ALIVE"], rows)
 
 
 def key_revoked(revocation: Revocation) -> str:

@@ -12,7 +12,8 @@
     ├── RateLimited              too many failed authentications from one address
     ├── ServerUnreachable        the client cannot reach any server (or the stream died for good)
     ├── ServerError              the server answered with an unexpected error
-    └── RuntimeUnavailable       the container engine does not answer (controller retries)
+    ├── RuntimeUnavailable       the container engine does not answer (controller retries)
+    └── ControllerIdInUse        a live controller already holds this CI_CONTROLLER_ID
 
 Each CLI catches CIError in one place and prints `Error: <message>` to stderr.
 """
@@ -78,3 +79,7 @@ class ServerError(CIError):
 
 class RuntimeUnavailable(CIError):
     default_message = "the container engine is not available"
+
+
+class ControllerIdInUse(CIError):
+    default_message = "another live controller holds this controller id"

@@ -122,3 +122,26 @@ class JobOutcome:
     exit_code: int | None
     success: bool
     reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerLease:
+    """A controller's hold on its id: who holds it and when it last said it was alive."""
+
+    id: str  # CI_CONTROLLER_ID
+    host: str
+    pid: int
+    version: str
+    token: str  # random, new at every acquisition: tells two holders of one id apart
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped: bool  # released by a graceful stop (its containers are left for the restart)
+    running_jobs: int  # claimed or running jobs of this controller id
+
+    def heartbeat_age_s(self, now: datetime) -> float:
+        """Seconds since the last heartbeat."""
+        return max((now - self.heartbeat_at).total_seconds(), 0.0)
+
+    def is_alive(self, now: datetime, lease_s: float) -> bool:
+        """Held by a running controller: not stopped, and a heartbeat within the lease."""
+        return not self.stopped and self.heartbeat_age_s(now) < lease_s

@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
-from ci_common.models import ApiKey, Job, JobEvent, JobOutcome, OutputChunk, StoredKey, User
+from ci_common.models import (
+    ApiKey,
+    ControllerLease,
+    Job,
+    JobEvent,
+    JobOutcome,
+    OutputChunk,
+    StoredKey,
+    User,
+)
 
 
 class Repository(Protocol):
@@ -154,6 +163,30 @@ class Repository(Protocol):
 
     def count_queued_jobs(self) -> int:
         """Queued jobs that no controller has claimed yet."""
+
+    # ----------------------------------------------------------------- controller leases
+    def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
+                      now: datetime, lease_s: float,
+                      replace_token: str | None = None) -> ControllerLease:
+        """Take the lease on a controller id, with a new token; atomic.
+
+        Granted when nobody holds the id, when the holder stopped gracefully, when its heartbeat
+        is older than lease_s, or when its token is replace_token (the caller found that holder
+        dead, e.g. its process is gone on this host). Otherwise raises ControllerIdInUse naming
+        the holder. Two controllers asking at once never both get it.
+        """
+
+    def renew_lease(self, controller_id: str, token: str, now: datetime) -> bool:
+        """Heartbeat; False when the lease is no longer held with this token."""
+
+    def release_lease(self, controller_id: str, token: str, now: datetime) -> None:
+        """Graceful stop: mark the lease stopped (a restart with the id may take it at once)."""
+
+    def get_lease(self, controller_id: str) -> ControllerLease | None:
+        """The lease row of one controller id, or None."""
+
+    def list_leases(self) -> list[ControllerLease]:
+        """Every controller id ever registered, by id, with its count of running jobs."""
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:

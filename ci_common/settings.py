@@ -49,6 +49,8 @@ class Settings:
     container_prefix: str = field(default="ci_job_", metadata={"env": "CI_CONTAINER_PREFIX"})
     controller_id: str = field(default_factory=socket.gethostname,
                                metadata={"env": "CI_CONTROLLER_ID"})
+    # A controller whose heartbeat is older than this is no longer alive; its id is free again.
+    controller_lease_s: float = field(default=60.0, metadata={"env": "CI_CONTROLLER_LEASE"})
     reconcile_interval_s: float = field(default=2.0, metadata={"env": "CI_RECONCILE_INTERVAL"})
     max_concurrent_jobs: int = field(default=4, metadata={"env": "CI_MAX_CONCURRENT_JOBS"})
     job_timeout_s: float = field(default=3600.0, metadata={"env": "CI_JOB_TIMEOUT"})

@@ -18,7 +18,9 @@ import click
 from ci_common.errors import CIError
 from ci_common.repository import Repository
 from ci_common.settings import Settings
+from ci_controller import lease
 from ci_controller.docker_runtime import DockerRuntime
+from ci_controller.lease import LeaseKeeper
 from ci_controller.reconciler import Controller
 from ci_persistence import open_repository
 
@@ -45,10 +47,19 @@ def _open_repository(settings: Settings) -> Repository:
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
-    """Open the database and the engine, then reconcile until `stop` is set."""
+    """Open the database, take the lease on the controller id, then reconcile until `stop`."""
     repository = _open_repository(settings)
     try:
-        Controller(settings, repository, DockerRuntime()).run_forever(stop)
+        keeper = LeaseKeeper(repository, lease.acquire(settings, repository),
+                             settings.controller_lease_s, on_lost=stop.set)
+        keeper.start()
+        try:
+            Controller(settings, repository, DockerRuntime()).run_forever(stop)
+        finally:
+            keeper.stop(release=True)
+        if keeper.lost.is_set():
+            raise CIError(f"controller {settings.controller_id}: lost the lease on its id to "
+                          "another controller; stopped")
     finally:
         repository.close()
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from ci_common.errors import AlreadyExists, NotFound
 from ci_common.models import (
     ApiKey,
+    ControllerLease,
     EventKind,
     Job,
     JobEvent,
@@ -28,7 +29,13 @@ from ci_common.models import (
     utcnow,
 )
 from ci_persistence.logcap import marker_text, plan_drop, utf8_len
-from ci_persistence.policy import POLL_BATCH, cancelled_outcome, check_terminal, end_event_text
+from ci_persistence.policy import (
+    POLL_BATCH,
+    cancelled_outcome,
+    check_lease_free,
+    check_terminal,
+    end_event_text,
+)
 from ci_persistence.timefmt import as_utc
 
 
@@ -69,6 +76,7 @@ class InMemoryRepository:
         self._job_event_ids: dict[str, list[int]] = {}
         self._last_event_id = 0
         self._installation_id = uuid.uuid4().hex
+        self._leases: dict[str, ControllerLease] = {}
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -367,6 +375,60 @@ class InMemoryRepository:
         with self._lock:
             return sum(1 for job in self._jobs.values()
                        if job.status is JobStatus.QUEUED and job.controller_id is None)
+
+    # ----------------------------------------------------------------- controller leases
+    def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
+                      now: datetime, lease_s: float,
+                      replace_token: str | None = None) -> ControllerLease:
+        """Take the lease with a new token unless a live controller holds it."""
+        with self._lock:
+            check_lease_free(self._lease(controller_id), now, lease_s, replace_token)
+            now = as_utc(now)
+            self._leases[controller_id] = ControllerLease(
+                id=controller_id, host=host, pid=pid, version=version, token=uuid.uuid4().hex,
+                started_at=now, heartbeat_at=now, stopped=False, running_jobs=0)
+            self._changed()
+            lease = self._lease(controller_id)
+            assert lease is not None
+            return lease
+
+    def _lease(self, controller_id: str) -> ControllerLease | None:
+        lease = self._leases.get(controller_id)
+        if lease is None:
+            return None
+        running = sum(1 for job in self._jobs.values()
+                      if job.controller_id == controller_id and not job.status.is_terminal)
+        return replace(lease, running_jobs=running)
+
+    def renew_lease(self, controller_id: str, token: str, now: datetime) -> bool:
+        """Heartbeat; False when the lease is no longer held with this token."""
+        with self._lock:
+            lease = self._leases.get(controller_id)
+            if lease is None or lease.token != token or lease.stopped:
+                return False
+            self._leases[controller_id] = replace(lease, heartbeat_at=as_utc(now))
+            self._changed()
+            return True
+
+    def release_lease(self, controller_id: str, token: str, now: datetime) -> None:
+        """Mark the lease stopped (graceful stop)."""
+        with self._lock:
+            lease = self._leases.get(controller_id)
+            if lease is not None and lease.token == token:
+                self._leases[controller_id] = replace(lease, stopped=True,
+                                                      heartbeat_at=as_utc(now))
+                self._changed()
+
+    def get_lease(self, controller_id: str) -> ControllerLease | None:
+        """The lease row of one controller id, or None."""
+        with self._lock:
+            return self._lease(controller_id)
+
+    def list_leases(self) -> list[ControllerLease]:
+        """Every registered controller id, by id."""
+        with self._lock:
+            found = [self._lease(controller_id) for controller_id in sorted(self._leases)]
+        return [lease for lease in found if lease is not None]
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sqlite3
 
-from ci_common.models import ApiKey, EventKind, Job, JobEvent, JobStatus, OutputStream, User
+from ci_common.models import (
+    ApiKey,
+    ControllerLease,
+    EventKind,
+    Job,
+    JobEvent,
+    JobStatus,
+    OutputStream,
+    User,
+)
 from ci_persistence.timefmt import from_text, opt_from_text
 
 JOB_COLUMNS = (
@@ -69,3 +78,19 @@ def event_from_row(row: sqlite3.Row) -> JobEvent:
     return JobEvent(job_id=row["job_id"], seq=row["seq"], kind=EventKind(row["kind"]),
                     text=row["text"], stream=None if stream is None else OutputStream(stream),
                     created_at=from_text(row["created_at"]))
+
+
+# controllers with the count of their claimed-or-running jobs
+LEASE_SELECT = (
+    "SELECT c.id, c.host, c.pid, c.version, c.token, c.started_at, c.heartbeat_at, c.stopped, "
+    "(SELECT count(*) FROM jobs j WHERE j.controller_id = c.id "
+    "AND j.status IN ('queued', 'running')) AS running_jobs FROM controllers c"
+)
+
+
+def lease_from_row(row: sqlite3.Row) -> ControllerLease:
+    return ControllerLease(id=row["id"], host=row["host"], pid=row["pid"],
+                           version=row["version"], token=row["token"],
+                           started_at=from_text(row["started_at"]),
+                           heartbeat_at=from_text(row["heartbeat_at"]),
+                           stopped=bool(row["stopped"]), running_jobs=row["running_jobs"])

@@ -15,6 +15,7 @@ from datetime import datetime
 from ci_common.errors import AlreadyExists, NotFound
 from ci_common.models import (
     ApiKey,
+    ControllerLease,
     EventKind,
     Job,
     JobEvent,
@@ -29,16 +30,24 @@ from ci_common.models import (
 from ci_persistence.connection import SqliteConnector, enable_wal, open_connection
 from ci_persistence.logcap import marker_text, plan_drop, utf8_len
 from ci_persistence.migrate import migrate
-from ci_persistence.policy import POLL_BATCH, cancelled_outcome, check_terminal, end_event_text
+from ci_persistence.policy import (
+    POLL_BATCH,
+    cancelled_outcome,
+    check_lease_free,
+    check_terminal,
+    end_event_text,
+)
 from ci_persistence.rows import (
     EVENT_COLUMNS,
     JOB_COLUMNS,
     KEY_SELECT,
+    LEASE_SELECT,
     USER_COLUMNS,
     event_from_row,
     job_from_row,
     key_from_row,
     key_owner_from_row,
+    lease_from_row,
     user_from_row,
 )
 from ci_persistence.timefmt import to_text
@@ -332,6 +341,48 @@ class SqliteRepository:
         """Queued jobs that no controller has claimed yet."""
         return int(self._db.query("SELECT count(*) FROM jobs WHERE status = 'queued' "
                                   "AND controller_id IS NULL")[0][0])
+
+    # ----------------------------------------------------------------- controller leases
+    def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
+                      now: datetime, lease_s: float,
+                      replace_token: str | None = None) -> ControllerLease:
+        """Take the lease with a new token unless a live controller holds it; atomic."""
+        with self._db.write() as conn:
+            row = conn.execute(f"{LEASE_SELECT} WHERE c.id = ?", (controller_id,)).fetchone()
+            check_lease_free(None if row is None else lease_from_row(row), now, lease_s,
+                             replace_token)
+            conn.execute(
+                "INSERT INTO controllers (id, host, pid, version, token, started_at, "
+                "heartbeat_at, stopped) VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (id) DO "
+                "UPDATE SET host = excluded.host, pid = excluded.pid, version = excluded.version, "
+                "token = excluded.token, started_at = excluded.started_at, "
+                "heartbeat_at = excluded.heartbeat_at, stopped = 0",
+                (controller_id, host, pid, version, uuid.uuid4().hex, to_text(now), to_text(now)))
+            row = conn.execute(f"{LEASE_SELECT} WHERE c.id = ?", (controller_id,)).fetchone()
+            return lease_from_row(row)
+
+    def renew_lease(self, controller_id: str, token: str, now: datetime) -> bool:
+        """Heartbeat; False when the lease is no longer held with this token."""
+        with self._db.write() as conn:
+            row = conn.execute("UPDATE controllers SET heartbeat_at = ? WHERE id = ? AND "
+                               "token = ? AND stopped = 0 RETURNING id",
+                               (to_text(now), controller_id, token)).fetchone()
+        return row is not None
+
+    def release_lease(self, controller_id: str, token: str, now: datetime) -> None:
+        """Mark the lease stopped (graceful stop)."""
+        with self._db.write() as conn:
+            conn.execute("UPDATE controllers SET stopped = 1, heartbeat_at = ? "
+                         "WHERE id = ? AND token = ?", (to_text(now), controller_id, token))
+
+    def get_lease(self, controller_id: str) -> ControllerLease | None:
+        """The lease row of one controller id, or None."""
+        rows = self._db.query(f"{LEASE_SELECT} WHERE c.id = ?", (controller_id,))
+        return lease_from_row(rows[0]) if rows else None
+
+    def list_leases(self) -> list[ControllerLease]:
+        """Every registered controller id, by id."""
+        return [lease_from_row(row) for row in self._db.query(f"{LEASE_SELECT} ORDER BY c.id")]
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:

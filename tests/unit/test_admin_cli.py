@@ -6,7 +6,7 @@ import json
 import re
 import sqlite3
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -408,3 +408,25 @@ def test_describe_error_names_the_database_file() -> None:
     message, code = render.describe_error(sqlite3.OperationalError("disk I/O error"), "/srv/x.db")
     assert (message, code) == ("database error (/srv/x.db): disk I/O error", 1)
     assert render.describe_error(InvalidInput("bad"), None) == ("bad", 2)
+
+
+# ---------------------------------------------------------------------------- controllers
+
+
+def test_controller_list_shows_heartbeat_age_jobs_and_liveness(repo: InMemoryRepository) -> None:
+    assert ok(repo, "controller", "list").stdout == "No controllers.\n"
+    now = datetime.now(UTC)
+    live = repo.acquire_lease("ctl-live", "host-a", 11, "0.1.0", now, 60)
+    repo.acquire_lease("ctl-gone", "host-b", 22, "0.1.0", now - timedelta(seconds=300), 60)
+    stopped = repo.acquire_lease("ctl-stopped", "host-c", 33, "0.1.0", now, 60)
+    repo.release_lease("ctl-stopped", stopped.token, now)
+    table = ok(repo, "controller", "list").stdout.splitlines()
+    assert table[0].split() == ["CONTROLLER", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT",
+                                "JOBS", "ALIVE"]
+    by_id = {line.split()[0]: line for line in table[2:]}
+    assert by_id["ctl-live"].endswith("yes") and "300 s ago" in by_id["ctl-gone"]
+    assert by_id["ctl-gone"].endswith("no") and by_id["ctl-stopped"].endswith("no (stopped)")
+    rows = json.loads(ok(repo, "controller", "list", "--json").stdout)
+    assert [(r["id"], r["alive"], r["running_jobs"]) for r in rows] == [
+        ("ctl-gone", False, 0), ("ctl-live", True, 0), ("ctl-stopped", False, 0)]
+    assert live.token not in json.dumps(rows)

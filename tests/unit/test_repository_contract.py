@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ci_common.errors import AlreadyExists, NotFound
+from ci_common.errors import AlreadyExists, ControllerIdInUse, NotFound
 from ci_common.models import (
+    ControllerLease,
     EventKind,
     Job,
     JobOutcome,
@@ -557,3 +558,59 @@ def test_poll_events_returns_bounded_batches(repo: Repository, user: User) -> No
         assert len(events) <= 5000
         seen.extend(e.seq for e in events)
     assert seen == list(range(3, 6003))
+
+
+# --------------------------------------------------------------------------- controller leases
+T0 = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+LEASE_S = 60.0
+
+
+def take(repo: Repository, when: datetime, pid: int = 100,
+         replace_token: str | None = None) -> ControllerLease:
+    return repo.acquire_lease("ctl-a", "host-1", pid, "0.1.0", when, LEASE_S,
+                              replace_token=replace_token)
+
+
+def test_a_live_lease_refuses_a_second_holder_naming_the_id(repo: Repository) -> None:
+    first = take(repo, T0)
+    assert (first.id, first.host, first.pid, first.version) == ("ctl-a", "host-1", 100, "0.1.0")
+    assert first.started_at == first.heartbeat_at == T0 and not first.stopped
+    with pytest.raises(ControllerIdInUse) as refused:
+        take(repo, T0 + timedelta(seconds=30), pid=200)
+    assert "'ctl-a'" in refused.value.message and "CI_CONTROLLER_ID" in refused.value.message
+    assert repo.get_lease("ctl-a") == first
+
+
+def test_heartbeats_keep_a_lease_and_its_expiry_frees_the_id(repo: Repository) -> None:
+    first = take(repo, T0)
+    assert repo.renew_lease("ctl-a", first.token, T0 + timedelta(seconds=50))
+    with pytest.raises(ControllerIdInUse):
+        take(repo, T0 + timedelta(seconds=100), pid=200)  # 50 s after the last heartbeat
+    second = take(repo, T0 + timedelta(seconds=111), pid=200)
+    assert second.token != first.token and second.pid == 200
+    assert not repo.renew_lease("ctl-a", first.token, T0 + timedelta(seconds=112))
+    assert repo.renew_lease("ctl-a", second.token, T0 + timedelta(seconds=112))
+
+
+def test_a_released_or_known_dead_lease_is_taken_at_once(repo: Repository) -> None:
+    first = take(repo, T0)
+    repo.release_lease("ctl-a", first.token, T0 + timedelta(seconds=1))
+    stopped = repo.get_lease("ctl-a")
+    assert stopped is not None and stopped.stopped
+    assert not repo.renew_lease("ctl-a", first.token, T0 + timedelta(seconds=2))
+    second = take(repo, T0 + timedelta(seconds=2), pid=200)
+    third = take(repo, T0 + timedelta(seconds=3), pid=300, replace_token=second.token)
+    with pytest.raises(ControllerIdInUse):  # a stale token replaces nothing
+        take(repo, T0 + timedelta(seconds=4), pid=400, replace_token=second.token)
+    assert repo.get_lease("ctl-a") == third
+
+
+def test_list_leases_counts_running_jobs(repo: Repository, user: User) -> None:
+    assert repo.list_leases() == [] and repo.get_lease("nobody") is None
+    repo.acquire_lease("ctl-b", "host-2", 7, "0.1.0", T0, LEASE_S)
+    take(repo, T0)
+    running_job(repo, user)  # claimed by CTRL, which holds no lease
+    repo.create_job(user.id, b"zip", None)
+    assert repo.claim_next_job("ctl-a") is not None
+    leases = repo.list_leases()
+    assert [(lease.id, lease.running_jobs) for lease in leases] == [("ctl-a", 1), ("ctl-b", 0)]
