@@ -252,11 +252,11 @@ def controller_list(state: AdminState, as_json: bool) -> None:
     A controller is alive while its heartbeat is younger than CI_CONTROLLER_LEASE seconds.
     """
     leases = state.repository.list_leases()
-    now, lease_s = utcnow(), state.settings.controller_lease_s
+    now = utcnow()
     if as_json:
-        click.echo(render.json_list([render.controller_json(c, now, lease_s) for c in leases]))
+        click.echo(render.json_list([render.controller_json(c, now) for c in leases]))
     else:
-        click.echo(render.controllers_table(leases, now, lease_s))
+        click.echo(render.controllers_table(leases, now))
 
 
 def main() -> None:

@@ -154,7 +154,7 @@ def keys_table(keys: Sequence[ApiKey]) -> str:
     return table(["KEY ID", "NAME", "PREFIX", "USER", "ACTIVE", "CREATED", "LAST USED"], rows)
 
 
-def controller_json(lease: ControllerLease, now: datetime, lease_s: float) -> dict[str, Any]:
+def controller_json(lease: ControllerLease, now: datetime) -> dict[str, Any]:
     """A controller as a JSON object (never its lease token)."""
     return {
         "id": lease.id,
@@ -166,17 +166,18 @@ def controller_json(lease: ControllerLease, now: datetime, lease_s: float) -> di
         "heartbeat_age_s": round(lease.heartbeat_age_s(now), 1),
         "running_jobs": lease.running_jobs,
         "stopped": lease.stopped,
-        "alive": lease.is_alive(now, lease_s),
+        "lease_s": lease.lease_s,
+        "alive": lease.is_alive(now),
     }
 
 
-def controllers_table(leases: Sequence[ControllerLease], now: datetime, lease_s: float) -> str:
+def controllers_table(leases: Sequence[ControllerLease], now: datetime) -> str:
     """`controller list`: each controller id, its holder, heartbeat age, jobs and liveness."""
     if not leases:
         return "No controllers."
     rows = [[c.id, c.host, str(c.pid), c.version, format_time(c.started_at),
              f"{c.heartbeat_age_s(now):.0f} s ago", str(c.running_jobs),
-             "yes" if c.is_alive(now, lease_s) else ("no (stopped)" if c.stopped else "no")]
+             "yes" if c.is_alive(now) else ("no (stopped)" if c.stopped else "no")]
             for c in leases]
     return table(["CONTROLLER", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "JOBS",
                   "ALIVE"], rows)

@@ -13,7 +13,8 @@
     ├── ServerUnreachable        the client cannot reach any server (or the stream died for good)
     ├── ServerError              the server answered with an unexpected error
     ├── RuntimeUnavailable       the container engine does not answer (controller retries)
-    └── ControllerIdInUse        a live controller already holds this CI_CONTROLLER_ID
+    ├── ControllerIdInUse        a live controller already holds this CI_CONTROLLER_ID
+    └── LeaseLost                a controller's write was refused: its lease was taken over
 
 Each CLI catches CIError in one place and prints `Error: <message>` to stderr.
 """
@@ -83,3 +84,7 @@ class RuntimeUnavailable(CIError):
 
 class ControllerIdInUse(CIError):
     default_message = "another live controller holds this controller id"
+
+
+class LeaseLost(CIError):
+    default_message = "this controller's lease was taken over by another controller"

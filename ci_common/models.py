@@ -137,11 +137,47 @@ class ControllerLease:
     heartbeat_at: datetime
     stopped: bool  # released by a graceful stop (its containers are left for the restart)
     running_jobs: int  # claimed or running jobs of this controller id
+    engine_id: str = ""  # the Docker engine it runs containers on; "" until it reached one
+    lease_s: float = 60.0  # the holder renews within this long (its CI_CONTROLLER_LEASE)
+
+    @property
+    def fence(self) -> Fence:
+        """What this holder shows with every write for a job (see Fence)."""
+        return Fence(controller_id=self.id, token=self.token)
 
     def heartbeat_age_s(self, now: datetime) -> float:
         """Seconds since the last heartbeat."""
         return max((now - self.heartbeat_at).total_seconds(), 0.0)
 
-    def is_alive(self, now: datetime, lease_s: float) -> bool:
+    def is_expired(self, now: datetime) -> bool:
+        """No heartbeat for the whole lease (a graceful stop too, once that long has passed)."""
+        return self.heartbeat_age_s(now) >= self.lease_s
+
+    def is_alive(self, now: datetime) -> bool:
         """Held by a running controller: not stopped, and a heartbeat within the lease."""
-        return not self.stopped and self.heartbeat_age_s(now) < lease_s
+        return not self.stopped and not self.is_expired(now)
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A controller's proof that it still holds its lease, shown with every write for a job.
+
+    The repository checks it in the write's own transaction: the job must still belong to
+    `controller_id` and the lease on that id must still carry `token`. After a take-over (the
+    lease expired, another controller took the jobs) or a restart with the same id (a new
+    token), a late writer is refused with LeaseLost instead of being trusted to behave.
+    """
+
+    controller_id: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOver:
+    """What taking over an expired controller's jobs did, job ids by fate."""
+
+    controller_id: str  # the controller that was gone
+    requeued: tuple[str, ...]  # claimed, never started: queued again
+    adopted: tuple[str, ...]  # now the taker's: it adopts their containers as after a restart
+    failed: tuple[str, ...]  # running on an engine no live controller watches: controller lost
+    cancelled: tuple[str, ...]  # claimed, never started, and the user had asked to cancel

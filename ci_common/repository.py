@@ -18,11 +18,13 @@ from typing import Protocol
 from ci_common.models import (
     ApiKey,
     ControllerLease,
+    Fence,
     Job,
     JobEvent,
     JobOutcome,
     OutputChunk,
     StoredKey,
+    TakeOver,
     User,
 )
 
@@ -115,21 +117,26 @@ class Repository(Protocol):
         """The uploaded zip. Raises NotFound."""
 
     # ----------------------------------------------------------------- jobs (controller side)
-    def claim_next_job(self, controller_id: str) -> Job | None:
+    # Every write a controller makes for a job carries its Fence, checked in the write's own
+    # transaction: the job must still be fence.controller_id's and that id's lease must still
+    # carry fence.token. Otherwise the write changes nothing and raises LeaseLost.
+    def claim_next_job(self, fence: Fence) -> Job | None:
         """Atomically claim one queued, unclaimed, not-cancelled job for this controller.
 
         Two controllers (or two threads) never claim the same job. Fair between users: picks
         from the user with the fewest claimed-but-unfinished jobs, then the oldest job. The job
-        stays QUEUED (claimed) until mark_running. None when nothing is waiting.
+        stays QUEUED (claimed) until mark_running. None when nothing is waiting. Raises
+        LeaseLost when the lease no longer carries fence.token.
         """
 
-    def mark_running(self, job_id: str, container_id: str, start_time: datetime) -> Job:
+    def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
+                     fence: Fence) -> Job:
         """Record the started container: status RUNNING, start_time, and a STATUS event.
 
         Idempotent: calling it again for a running job only updates container_id.
         """
 
-    def release_job(self, job_id: str) -> Job:
+    def release_job(self, job_id: str, *, fence: Fence) -> Job:
         """Give a claimed job that never started back to the queue (controller_id cleared)."""
 
     def append_output(
@@ -137,6 +144,8 @@ class Repository(Protocol):
         job_id: str,
         chunks: Sequence[OutputChunk],
         log_cursor: int,
+        *,
+        fence: Fence,
         keep_bytes: int | None = None,
         skipped_bytes: int = 0,
     ) -> list[JobEvent]:
@@ -152,7 +161,8 @@ class Repository(Protocol):
         Ignored (returns []) when the job is already terminal. Returns the new events.
         """
 
-    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime) -> Job:
+    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime, *,
+                   fence: Fence) -> Job:
         """Record the outcome and append the END event, atomically and once.
 
         A job that is already terminal is returned unchanged (first outcome wins).
@@ -170,8 +180,12 @@ class Repository(Protocol):
                       replace_token: str | None = None) -> ControllerLease:
         """Take the lease on a controller id, with a new token; atomic.
 
-        Granted when nobody holds the id, when the holder stopped gracefully, when its heartbeat
-        is older than lease_s, or when its token is replace_token (the caller found that holder
+        The id's claimed and running jobs stay its own: the new token fences them from now on,
+        so a previous holder that is somehow still running can no longer write for them.
+
+        The new lease lasts lease_s without a heartbeat (stored: everyone judges its expiry by
+        it). Granted when nobody holds the id, when the holder stopped gracefully, when its
+        lease expired, or when its token is replace_token (the caller found that holder
         dead, e.g. its process is gone on this host). Otherwise raises ControllerIdInUse naming
         the holder. Two controllers asking at once never both get it.
         """
@@ -181,6 +195,25 @@ class Repository(Protocol):
 
     def release_lease(self, controller_id: str, token: str, now: datetime) -> None:
         """Graceful stop: mark the lease stopped (a restart with the id may take it at once)."""
+
+    def record_engine(self, fence: Fence, engine_id: str) -> None:
+        """Note the Docker engine this lease holder runs its containers on (for take-overs).
+
+        Raises LeaseLost when the lease no longer carries fence.token.
+        """
+
+    def take_over(self, gone: ControllerLease, taker: Fence, adopt: bool,
+                  now: datetime) -> TakeOver | None:
+        """Take the claimed and running jobs of a controller whose lease expired; atomic.
+
+        Goes ahead only if `gone` is still as the taker saw it (same token) and its lease
+        expired; otherwise returns None (it came back, or another controller was
+        first). Its token is replaced, so its late writes for those jobs are refused. With
+        adopt (the taker runs on the same engine), every claimed or running job becomes the
+        taker's, which then recovers them exactly as after a restart. Without: claimed jobs
+        go back to the queue (cancelled instead when a cancel was asked), running jobs fail
+        with reason `controller lost: ...`. Raises LeaseLost when the taker's own fence fails.
+        """
 
     def get_lease(self, controller_id: str) -> ControllerLease | None:
         """The lease row of one controller id, or None."""

@@ -50,11 +50,12 @@ def run(settings: Settings, stop: threading.Event) -> None:
     """Open the database, take the lease on the controller id, then reconcile until `stop`."""
     repository = _open_repository(settings)
     try:
-        keeper = LeaseKeeper(repository, lease.acquire(settings, repository),
-                             settings.controller_lease_s, on_lost=stop.set)
+        held = lease.acquire(settings, repository)
+        keeper = LeaseKeeper(repository, held, settings.controller_lease_s, on_lost=stop.set)
         keeper.start()
         try:
-            Controller(settings, repository, DockerRuntime()).run_forever(stop)
+            Controller(settings, repository, DockerRuntime(),
+                       fence=held.fence).run_forever(stop)
         finally:
             keeper.stop(release=True)
         if keeper.lost.is_set():

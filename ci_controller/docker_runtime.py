@@ -118,6 +118,10 @@ class DockerRuntime:
             raise
 
     # ------------------------------------------------------------------ ContainerRuntime
+    def engine_id(self) -> str:
+        """The daemon's ID from `docker info` (kept in its data root across restarts)."""
+        return str(self._call("identify the engine", lambda api: api.info()["ID"]))
+
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container."""
 

@@ -77,6 +77,7 @@ class FakeRuntime:
         self.containers: dict[str, FakeContainer] = {}
         self.removed: list[str] = []
         self.available = True  # False: every call raises RuntimeUnavailable
+        self.identity = "fake-engine"  # what engine_id() answers
         self.fail: dict[str, CIError] = {}  # method name → error it raises (once each)
         self.max_running = 0  # most containers running at the same time so far
         self._cond = threading.Condition()
@@ -109,6 +110,10 @@ class FakeRuntime:
         return container
 
     # ------------------------------------------------------------------ ContainerRuntime
+    def engine_id(self) -> str:
+        self._check("engine_id")
+        return self.identity
+
     def create(self, spec: ContainerSpec) -> str:
         """Create a container that will play the job's script."""
         self._check("create")

@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ci_common.errors import LeaseLost
+from ci_common.models import Fence
 from ci_common.repository import Repository
 from ci_controller.framing import (
     KIND_PHASE,
@@ -48,9 +50,13 @@ class OutputFollower:
     """Follows one job's container output and stores new frames; see the module docstring."""
 
     def __init__(self, job_id: str, stream: OutputFollow, repository: Repository,
-                 stored_through: int, keep_bytes: int | None,
-                 on_verdict: Callable[[], None] | None = None) -> None:
+                 stored_through: int, keep_bytes: int | None, *, fence: Fence,
+                 on_verdict: Callable[[], None] | None = None,
+                 on_lease_lost: Callable[[], None] | None = None) -> None:
         self.job_id = job_id
+        self._fence = fence
+        self._on_lease_lost = on_lease_lost
+        self._lease_lost: LeaseLost | None = None  # a write was refused: the job is not ours
         self._stream = stream
         self._repository = repository
         self._stored_through = stored_through  # frames up to here are already stored
@@ -84,6 +90,11 @@ class OutputFollower:
     def cursor(self) -> int:
         """The last frame number stored by this follower (or before it)."""
         return self._cursor
+
+    def raise_lease_lost(self) -> None:
+        """Raise the LeaseLost a write met, if one did (the job is someone else's now)."""
+        if self._lease_lost is not None:
+            raise self._lease_lost
 
     def start(self) -> None:
         with self._lock:
@@ -160,7 +171,7 @@ class OutputFollower:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if batch:
+            if batch and self._lease_lost is None:
                 self._store(batch)
 
     def _store(self, frames: list[Frame]) -> None:
@@ -171,10 +182,18 @@ class OutputFollower:
         while True:
             try:
                 self._repository.append_output(self.job_id, chunks, log_cursor=cursor,
-                                               keep_bytes=self._keep_bytes,
+                                               fence=self._fence, keep_bytes=self._keep_bytes,
                                                skipped_bytes=skipped)
                 self._cursor = cursor
                 self.writes += 1
+                return
+            except LeaseLost as exc:
+                # Refused for good: retrying cannot help, and whoever owns the job now stores
+                # its output. Later frames are dropped the same way.
+                log.warning("job %s: output write refused: %s", self.job_id, exc.message)
+                self._lease_lost = exc
+                if self._on_lease_lost is not None:
+                    self._on_lease_lost()
                 return
             except Exception as exc:
                 if self._abandon.is_set():

@@ -1,11 +1,16 @@
 """The controller: reconciles this controller's job rows with its containers.
 
-`run_once()` compares the jobs this controller owns with the containers carrying its labels
-(its installation id and controller id; containers of another installation are never touched):
-it forwards cancel requests, adopts containers nobody follows (after a restart), restarts
-claimed jobs whose container never started, fails running jobs whose container is gone, removes
-containers of finished jobs, and claims queued jobs while fewer than `max_concurrent_jobs` run.
-Each job in flight is owned by a `JobSupervisor` thread.
+`run_once()` compares the jobs this controller owns with the containers of its installation on
+its engine (containers of another installation are never listed, let alone touched): it
+forwards cancel requests, adopts containers nobody follows (after a restart or a take-over),
+restarts claimed jobs whose container never started, fails running jobs whose container is
+gone, takes over the jobs of controllers whose lease expired (see takeover.py), removes
+containers of its finished jobs, and claims queued jobs while fewer than `max_concurrent_jobs`
+run. Each job in flight is owned by a `JobSupervisor` thread.
+
+Every write for a job carries this controller's lease (its Fence): once the lease is lost (a
+take-over, or another controller took the id) the repository refuses the write with LeaseLost,
+and the controller stops following its jobs and stops, leaving their containers alone.
 
 `run_forever(stop)` calls it whenever the repository's change token moves (polled every few tens
 of milliseconds, so a new job starts well under a second after submission) and at least every
@@ -21,19 +26,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ci_common.errors import CIError, RuntimeUnavailable
-from ci_common.models import Job, JobOutcome, JobStatus, utcnow
+from ci_common.errors import CIError, LeaseLost, NotFound, RuntimeUnavailable
+from ci_common.models import Fence, Job, JobOutcome, JobStatus, TakeOver, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_controller.outcome import REASON_CONTAINER_LOST, cancelled_before_start
 from ci_controller.runtime import ContainerRuntime, ContainerState, ContainerStatus
-from ci_controller.spec import (
-    LABEL_CONTROLLER_ID,
-    LABEL_INSTALLATION_ID,
-    LABEL_JOB_ID,
-    controller_labels,
-)
+from ci_controller.spec import LABEL_CONTROLLER_ID, LABEL_INSTALLATION_ID, LABEL_JOB_ID
 from ci_controller.supervisor import JobSupervisor, describe
+from ci_controller.takeover import plan_take_overs
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,11 @@ class Controller:
     """Runs the jobs of one controller id in containers; see the module docstring."""
 
     def __init__(self, settings: Settings, repository: Repository, runtime: ContainerRuntime,
-                 *, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, fence: Fence, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self.fence = fence  # this controller's lease, shown with every write for a job
+        self.lease_lost: LeaseLost | None = None  # set once a write was refused
+        self._engine_id: str | None = None  # recorded on the lease at the first engine contact
         self._clock = clock  # monotonic seconds for reconcile and retry windows (tests step it)
         self.repository = repository
         self.runtime = runtime
@@ -101,9 +105,10 @@ class Controller:
             if self._engine_down and now < self._engine_retry_at:
                 return did_work
             try:
-                containers = self.runtime.list(controller_labels(self.settings,
-                                                                 self.installation_id))
+                containers = self.runtime.list({LABEL_INSTALLATION_ID: self.installation_id})
                 legacy = self._legacy_containers(jobs)
+                if full:
+                    did_work = self._take_over_gone() or did_work
             except RuntimeUnavailable as exc:
                 self.note_engine_down(exc)
                 return did_work
@@ -116,6 +121,8 @@ class Controller:
                 except RuntimeUnavailable as exc:
                     self.note_engine_down(exc)
                     return did_work
+                except LeaseLost:
+                    raise
                 except CIError as exc:
                     log.warning("job %s: could not take it over: %s", job.id, exc.message)
                     self._retry_at[job.id] = now + RETRY_AFTER_ERROR_S
@@ -130,7 +137,7 @@ class Controller:
         token: int | None = None
         failing = False
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self.lease_lost is None:
                 try:
                     current = self.repository.change_token()
                     if (current != token or self._wake.is_set()
@@ -139,6 +146,8 @@ class Controller:
                         self._wake.clear()
                         self.run_once()
                     failing = False
+                except LeaseLost as exc:
+                    self.note_lease_lost(exc)
                 except Exception as exc:  # the database may be busy or gone for a while
                     if not failing:
                         message = exc.message if isinstance(exc, CIError) else str(exc)
@@ -151,6 +160,19 @@ class Controller:
             self.detach()
             log.info("controller %s: stopped; running containers are left to the next start",
                      self.settings.controller_id)
+        if self.lease_lost is not None:
+            raise self.lease_lost
+
+    def note_lease_lost(self, exc: LeaseLost) -> None:
+        """A write was refused: these jobs are not ours any more. Stop (run_forever raises)."""
+        with self._lock:
+            first = self.lease_lost is None
+            self.lease_lost = self.lease_lost or exc
+        if first:
+            log.error("controller %s: %s; stopping without touching its containers",
+                      self.settings.controller_id, exc.message)
+        self._stopping = True
+        self._wake.set()
 
     def detach(self) -> None:
         """Warm stop: claim nothing more, store output read so far, leave containers running."""
@@ -209,7 +231,7 @@ class Controller:
             # A read first: claiming is a write transaction, and this runs on every change.
             if self.repository.count_queued_jobs() == 0:
                 break
-            job = self.repository.claim_next_job(self.settings.controller_id)
+            job = self.repository.claim_next_job(self.fence)
             if job is None:
                 break
             log.info("job %s: claimed", job.id)
@@ -227,14 +249,15 @@ class Controller:
         if container is not None:  # created, never started: it never ran
             self.runtime.remove(container.id)
         if job.cancel_requested:
-            self.repository.finish_job(job.id, cancelled_before_start(), utcnow())
+            self.repository.finish_job(job.id, cancelled_before_start(), utcnow(),
+                                       fence=self.fence)
             log.info("job %s: finished: %s", job.id, describe(cancelled_before_start()))
         elif job.status is JobStatus.QUEUED:
             log.info("job %s: claimed but never started; starting it now", job.id)
             self._spawn(job)
         else:
             outcome = self._lost()
-            self.repository.finish_job(job.id, outcome, utcnow())
+            self.repository.finish_job(job.id, outcome, utcnow(), fence=self.fence)
             log.info("job %s: lost: its container is gone; finished: %s", job.id,
                      describe(outcome))
         return True
@@ -264,23 +287,60 @@ class Controller:
                          "is not a running job of this installation", container.id[:12])
         return found
 
+    def _take_over_gone(self) -> bool:
+        """Take over the jobs of controllers whose lease expired (see takeover.py)."""
+        if self._engine_id is None:
+            engine_id = self.runtime.engine_id()
+            self.repository.record_engine(self.fence, engine_id)
+            self._engine_id = engine_id
+        now = utcnow()
+        plans = plan_take_overs(self.repository.list_leases(), self.settings.controller_id,
+                                self._engine_id, now)
+        took = False
+        for plan in plans:
+            done = self.repository.take_over(plan.gone, self.fence, plan.adopt, now)
+            if done is not None:
+                took = True
+                log.warning("controller %s on %s was last seen %.0f s ago; took over its "
+                            "jobs: %s", plan.gone.id, plan.gone.host,
+                            plan.gone.heartbeat_age_s(now), _fates(done))
+        return took
+
     def _sweep(self, containers: list[ContainerState], live_job_ids: set[str]) -> bool:
-        """Remove containers of ours whose job is finished (or unknown) and nobody follows."""
+        """Remove containers of finished (or unknown) jobs of ours that nobody follows."""
         removed = False
         for container in containers:
             job_id = container.labels.get(LABEL_JOB_ID, "")
             with self._lock:
                 followed = job_id in self._supervisors
-            if job_id in live_job_ids or followed:
+            if job_id in live_job_ids or followed or not self._finished_and_ours(container):
                 continue
             log.info("removing container %s of finished job %s", container.id[:12], job_id)
             self.runtime.remove(container.id)
             removed = True
         return removed
 
+    def _finished_and_ours(self, container: ContainerState) -> bool:
+        """Whether a container nobody here follows is ours to remove: its job is over.
+
+        Ours: it carries our controller id, or its job was ours at the end (we took it over
+        from a controller that is gone). A job still running belongs to whoever owns it now
+        (a take-over moves jobs, labels cannot follow), so its container is left alone.
+        """
+        try:
+            job: Job | None = self.repository.get_job(container.labels.get(LABEL_JOB_ID, ""))
+        except NotFound:
+            job = None
+        if job is not None and not job.status.is_terminal:
+            return False
+        me = self.settings.controller_id
+        return (container.labels.get(LABEL_CONTROLLER_ID) == me
+                or (job is not None and job.controller_id == me))
+
     def _spawn(self, job: Job, container_id: str | None = None) -> None:
         supervisor = JobSupervisor(self.settings, self.repository, self.runtime, job,
-                                   installation_id=self.installation_id,
+                                   installation_id=self.installation_id, fence=self.fence,
+                                   on_lease_lost=self.note_lease_lost,
                                    container_id=container_id, on_done=self._supervisor_done,
                                    on_engine_down=self.note_engine_down,
                                    claimed_at=time.monotonic())
@@ -298,3 +358,12 @@ class Controller:
             if not supervisor.job.status.is_terminal:
                 self._retry_at[supervisor.job_id] = self._clock() + RETRY_AFTER_ERROR_S
         self._wake.set()
+
+
+def _fates(done: TakeOver) -> str:
+    """`1 adopted, 2 queued again`: what a take-over did, for the log."""
+    parts = [f"{len(ids)} {what}" for ids, what in (
+        (done.adopted, "adopted"), (done.requeued, "queued again"),
+        (done.cancelled, "cancelled (cancel was asked)"), (done.failed, "failed (controller lost)"))
+        if ids]
+    return ", ".join(parts) or "none left"

@@ -87,6 +87,10 @@ class OutputFollow(Protocol):
 class ContainerRuntime(Protocol):
     """Create, start, follow, wait for, stop and remove job containers."""
 
+    def engine_id(self) -> str:
+        """The engine's own stable id: two controllers with the same id see the same containers."""
+        ...
+
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) a container; returns its id."""
         ...

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from ci_common.errors import CIError, RuntimeUnavailable
-from ci_common.models import Job, JobOutcome, JobStatus, utcnow
+from ci_common.errors import CIError, LeaseLost, RuntimeUnavailable
+from ci_common.models import Fence, Job, JobOutcome, JobStatus, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_controller import runner_entry
@@ -96,11 +96,15 @@ class JobSupervisor:
     """Runs (or adopts) one job's container in a thread until the job is finished."""
 
     def __init__(self, settings: Settings, repository: Repository, runtime: ContainerRuntime,
-                 job: Job, *, installation_id: str, container_id: str | None = None,
+                 job: Job, *, installation_id: str, fence: Fence,
+                 container_id: str | None = None,
                  on_done: Callable[[JobSupervisor], None] = lambda supervisor: None,
                  on_engine_down: Callable[[RuntimeUnavailable], None] = lambda exc: None,
+                 on_lease_lost: Callable[[LeaseLost], None] = lambda exc: None,
                  claimed_at: float | None = None) -> None:
         self.job = job
+        self._fence = fence
+        self._on_lease_lost = on_lease_lost
         self._settings = settings
         self._repository = repository
         self._runtime = runtime
@@ -179,6 +183,12 @@ class JobSupervisor:
                         "answers again", self.job_id, exc.message)
             self._detach_follower()
             self._on_engine_down(exc)
+        except LeaseLost as exc:
+            # Whoever holds the job now may be following this very container: leave it be.
+            log.warning("job %s: no longer this controller's; stopped following it and left "
+                        "its container alone", self.job_id)
+            self._detach_follower()
+            self._on_lease_lost(exc)
         except Exception:
             log.exception("job %s: supervising the container failed; it will be re-adopted",
                           self.job_id)
@@ -206,7 +216,7 @@ class JobSupervisor:
             self._runtime.start(container_id)
         except RuntimeUnavailable as exc:
             self._remove_quietly(container_id)
-            self._repository.release_job(job.id)
+            self._repository.release_job(job.id, fence=self._fence)
             log.warning("job %s: released back to the queue: %s", job.id, exc.message)
             self._on_engine_down(exc)
             return
@@ -222,7 +232,8 @@ class JobSupervisor:
             self._stop_sent = self._stop_sent or stop_now
         if stop_now:
             self._stop_in_background(container_id)
-        self.job = self._repository.mark_running(job.id, container_id, utcnow())
+        self.job = self._repository.mark_running(job.id, container_id, utcnow(),
+                                                 fence=self._fence)
         log.info("job %s: started in container %s (%.0f ms after claim)", job.id,
                  container_id[:12], self.start_latency_s * 1000)
         self._follow(container_id, stored_through=0)
@@ -256,7 +267,8 @@ class JobSupervisor:
         assert container_id is not None
         if job.status is JobStatus.QUEUED:
             # It started, but the controller stopped before recording that.
-            self.job = self._repository.mark_running(job.id, container_id, utcnow())
+            self.job = self._repository.mark_running(job.id, container_id, utcnow(),
+                                                     fence=self._fence)
         log.info("job %s: adopted container %s, resuming after output frame %d", job.id,
                  container_id[:12], job.log_cursor)
         if job.cancel_requested:
@@ -273,7 +285,8 @@ class JobSupervisor:
     def _follow(self, container_id: str, stored_through: int) -> None:
         follower = OutputFollower(self.job_id, self._runtime.follow_output(container_id),
                                   self._repository, stored_through,
-                                  self._settings.log_limit_bytes, on_verdict=self._wake.set)
+                                  self._settings.log_limit_bytes, fence=self._fence,
+                                  on_verdict=self._wake.set, on_lease_lost=self._wake.set)
         follower.start()
         self._follower = follower
         if self._detached.is_set():  # detach() ran before the follower was there to stop
@@ -288,6 +301,7 @@ class JobSupervisor:
         while not self._detached.is_set():
             self._wake.clear()
             exit_watch.raise_failure()
+            follower.raise_lease_lost()
             if exit_watch.exited.is_set() or follower.verdict_seen.is_set():
                 break
             remaining = deadline - time.monotonic()
@@ -327,7 +341,7 @@ class JobSupervisor:
         self._remove_quietly(container_id)
 
     def _finish(self, outcome: JobOutcome) -> None:
-        self.job = self._repository.finish_job(self.job_id, outcome, utcnow())
+        self.job = self._repository.finish_job(self.job_id, outcome, utcnow(), fence=self._fence)
         log.info("job %s: finished: %s", self.job_id, describe(self.job_outcome(outcome)))
 
     def job_outcome(self, fallback: JobOutcome) -> JobOutcome:

@@ -18,6 +18,7 @@ from ci_common.models import (
     ApiKey,
     ControllerLease,
     EventKind,
+    Fence,
     Job,
     JobEvent,
     JobOutcome,
@@ -25,16 +26,22 @@ from ci_common.models import (
     OutputChunk,
     OutputStream,
     StoredKey,
+    TakeOver,
     User,
     utcnow,
 )
 from ci_persistence.logcap import marker_text, plan_drop, utf8_len
 from ci_persistence.policy import (
     POLL_BATCH,
+    Fate,
+    TakeOverFates,
+    can_take_over,
     cancelled_outcome,
     check_lease_free,
     check_terminal,
+    controller_lost_outcome,
     end_event_text,
+    lease_lost,
 )
 from ci_persistence.timefmt import as_utc
 
@@ -249,9 +256,10 @@ class InMemoryRepository:
                 raise NotFound(f"archive of job {job_id} not found") from None
 
     # ----------------------------------------------------------------- jobs (controller side)
-    def claim_next_job(self, controller_id: str) -> Job | None:
+    def claim_next_job(self, fence: Fence) -> Job | None:
         """Claim the fairest waiting job (fewest busy jobs of its user, then oldest)."""
         with self._lock:
+            self._check_lease(fence)
             busy: dict[str, int] = {}
             for job in self._jobs.values():
                 if job.controller_id is not None and not job.status.is_terminal:
@@ -262,15 +270,16 @@ class InMemoryRepository:
             if not waiting:
                 return None
             chosen = min(waiting, key=lambda j: (busy.get(j.user_id, 0), j.created_at, j.id))
-            claimed = replace(chosen, controller_id=controller_id)
+            claimed = replace(chosen, controller_id=fence.controller_id)
             self._jobs[claimed.id] = claimed
             self._changed()
             return claimed
 
-    def mark_running(self, job_id: str, container_id: str, start_time: datetime) -> Job:
+    def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
+                     fence: Fence) -> Job:
         """Status RUNNING with its STATUS event; again for a running job only sets container_id."""
         with self._lock:
-            job = self._job(job_id)
+            job = self._fenced_job(job_id, fence)
             if job.status.is_terminal:
                 return job
             if job.status is JobStatus.RUNNING:
@@ -283,10 +292,10 @@ class InMemoryRepository:
             self._changed()
             return job
 
-    def release_job(self, job_id: str) -> Job:
+    def release_job(self, job_id: str, *, fence: Fence) -> Job:
         """Unclaim a job that never started (one whose cancel was asked is cancelled instead)."""
         with self._lock:
-            job = self._job(job_id)
+            job = self._fenced_job(job_id, fence)
             if job.status is not JobStatus.QUEUED or job.controller_id is None:
                 return job
             job = replace(job, controller_id=None)
@@ -301,12 +310,14 @@ class InMemoryRepository:
         job_id: str,
         chunks: Sequence[OutputChunk],
         log_cursor: int,
+        *,
+        fence: Fence,
         keep_bytes: int | None = None,
         skipped_bytes: int = 0,
     ) -> list[JobEvent]:
         """Append OUTPUT events and move log_cursor atomically; apply the log cap."""
         with self._lock:
-            job = self._job(job_id)
+            job = self._fenced_job(job_id, fence)
             if job.status.is_terminal:
                 return []
             new_ids = [self._append(job_id, EventKind.OUTPUT, chunk.text, chunk.stream)
@@ -345,11 +356,12 @@ class InMemoryRepository:
         self._job_event_ids[job.id] = [i for i in self._job_event_ids[job.id] if i not in gone]
         return replace(job, output_bytes=job.output_bytes - plan.bytes, dropped_bytes=dropped)
 
-    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime) -> Job:
+    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime, *,
+                   fence: Fence) -> Job:
         """Record the outcome and the END event, once (first outcome wins)."""
         check_terminal(outcome)
         with self._lock:
-            job = self._job(job_id)
+            job = self._fenced_job(job_id, fence)
             if job.status.is_terminal:
                 return job
             job = self._finish(job, outcome, end_time)
@@ -382,15 +394,62 @@ class InMemoryRepository:
                       replace_token: str | None = None) -> ControllerLease:
         """Take the lease with a new token unless a live controller holds it."""
         with self._lock:
-            check_lease_free(self._lease(controller_id), now, lease_s, replace_token)
+            check_lease_free(self._lease(controller_id), now, replace_token)
             now = as_utc(now)
             self._leases[controller_id] = ControllerLease(
                 id=controller_id, host=host, pid=pid, version=version, token=uuid.uuid4().hex,
-                started_at=now, heartbeat_at=now, stopped=False, running_jobs=0)
+                started_at=now, heartbeat_at=now, stopped=False, running_jobs=0, lease_s=lease_s)
             self._changed()
             lease = self._lease(controller_id)
             assert lease is not None
             return lease
+
+    def _check_lease(self, fence: Fence) -> None:
+        lease = self._leases.get(fence.controller_id)
+        if lease is None or lease.token != fence.token:
+            raise lease_lost(fence)
+
+    def _fenced_job(self, job_id: str, fence: Fence) -> Job:
+        job = self._job(job_id)
+        if job.controller_id != fence.controller_id:
+            raise lease_lost(fence)
+        self._check_lease(fence)
+        return job
+
+    def record_engine(self, fence: Fence, engine_id: str) -> None:
+        """Note the engine this holder runs containers on; LeaseLost if no longer held."""
+        with self._lock:
+            self._check_lease(fence)
+            self._leases[fence.controller_id] = replace(self._leases[fence.controller_id],
+                                                        engine_id=engine_id)
+            self._changed()
+
+    def take_over(self, gone: ControllerLease, taker: Fence, adopt: bool,
+                  now: datetime) -> TakeOver | None:
+        """Take an expired controller's jobs, if it is still as the taker saw it."""
+        with self._lock:
+            holder = self._lease(gone.id)
+            if holder is None or not can_take_over(holder, gone.token, as_utc(now)):
+                return None
+            self._check_lease(taker)
+            self._leases[gone.id] = replace(self._leases[gone.id], token=uuid.uuid4().hex)
+            fates = TakeOverFates()
+            jobs = sorted((job for job in self._jobs.values()
+                           if job.controller_id == gone.id and not job.status.is_terminal),
+                          key=lambda job: (job.created_at, job.id))
+            for job in jobs:
+                fate = fates.decide(job, adopt)
+                if fate is Fate.ADOPTED:
+                    self._jobs[job.id] = replace(job, controller_id=taker.controller_id)
+                elif fate is Fate.FAILED:
+                    self._finish(job, controller_lost_outcome(holder), now)
+                else:
+                    job = replace(job, controller_id=None)
+                    self._jobs[job.id] = job
+                    if fate is Fate.CANCELLED:
+                        self._finish(job, cancelled_outcome(), now)
+            self._changed()
+            return fates.result(gone.id)
 
     def _lease(self, controller_id: str) -> ControllerLease | None:
         lease = self._leases.get(controller_id)

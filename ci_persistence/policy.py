@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from ci_common.errors import ControllerIdInUse
-from ci_common.models import ControllerLease, JobOutcome, JobStatus
+from ci_common.errors import ControllerIdInUse, LeaseLost
+from ci_common.models import ControllerLease, Fence, Job, JobOutcome, JobStatus, TakeOver
 from ci_common.wire import EndData
 
 CANCELLED_BY_USER = "cancelled by user"
+CONTROLLER_LOST = "controller lost"
 POLL_BATCH = 5000  # events per poll_events call: one call stays bounded, the caller loops
 
 
@@ -29,12 +32,67 @@ def check_terminal(outcome: JobOutcome) -> None:
         raise ValueError(f"finish_job needs a terminal status, not {outcome.status.value!r}")
 
 
-def check_lease_free(holder: ControllerLease | None, now: datetime, lease_s: float,
+def check_lease_free(holder: ControllerLease | None, now: datetime,
                      replace_token: str | None) -> None:
     """Raise ControllerIdInUse when a live controller other than a known-dead one holds the id."""
-    if holder is None or not holder.is_alive(now, lease_s) or holder.token == replace_token:
+    if holder is None or not holder.is_alive(now) or holder.token == replace_token:
         return
     raise ControllerIdInUse(
         f"controller id {holder.id!r} is held by a live controller (host {holder.host}, "
         f"pid {holder.pid}, heartbeat {holder.heartbeat_age_s(now):.0f} s ago); stop it or "
         f"give this controller another CI_CONTROLLER_ID")
+
+
+def lease_lost(fence: Fence) -> LeaseLost:
+    """The refusal of a write whose fence no longer holds (see ci_common.models.Fence)."""
+    return LeaseLost(f"controller {fence.controller_id!r} lost its lease (silent longer than "
+                     f"CI_CONTROLLER_LEASE, or its id was taken by another controller); its "
+                     f"jobs are no longer its to write")
+
+
+def can_take_over(holder: ControllerLease | None, seen_token: str, now: datetime) -> bool:
+    """A take-over goes ahead only on the expired lease the taker saw, unchanged since."""
+    return holder is not None and holder.token == seen_token and holder.is_expired(now)
+
+
+def controller_lost_outcome(gone: ControllerLease) -> JobOutcome:
+    """A running job whose controller is gone and whose container no live controller can see."""
+    last_seen = gone.heartbeat_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return JobOutcome(status=JobStatus.FAILED, exit_code=None, success=False,
+                      reason=f"{CONTROLLER_LOST}: controller {gone.id!r} on {gone.host} was "
+                             f"last seen {last_seen}")
+
+
+class Fate(enum.Enum):
+    """What a take-over does with one claimed or running job of the gone controller."""
+
+    ADOPTED = "adopted"  # becomes the taker's (same engine): recovered as after a restart
+    REQUEUED = "requeued"  # claimed, never started: back to the queue
+    CANCELLED = "cancelled"  # claimed, never started, cancel asked: nobody would run it
+    FAILED = "failed"  # running where no live controller can see it: controller lost
+
+
+@dataclass
+class TakeOverFates:
+    """Decides each job's fate in a take-over and collects the job ids by fate."""
+
+    ids: dict[Fate, list[str]] = field(default_factory=lambda: {fate: [] for fate in Fate})
+
+    def decide(self, job: Job, adopt: bool) -> Fate:
+        if adopt:
+            fate = Fate.ADOPTED
+        elif job.status is JobStatus.RUNNING:
+            fate = Fate.FAILED
+        elif job.cancel_requested:
+            fate = Fate.CANCELLED
+        else:
+            fate = Fate.REQUEUED
+        self.ids[fate].append(job.id)
+        return fate
+
+    def result(self, controller_id: str) -> TakeOver:
+        return TakeOver(controller_id=controller_id,
+                        requeued=tuple(self.ids[Fate.REQUEUED]),
+                        adopted=tuple(self.ids[Fate.ADOPTED]),
+                        failed=tuple(self.ids[Fate.FAILED]),
+                        cancelled=tuple(self.ids[Fate.CANCELLED]))

@@ -83,6 +83,7 @@ def event_from_row(row: sqlite3.Row) -> JobEvent:
 # controllers with the count of their claimed-or-running jobs
 LEASE_SELECT = (
     "SELECT c.id, c.host, c.pid, c.version, c.token, c.started_at, c.heartbeat_at, c.stopped, "
+    "c.engine_id, c.lease_s, "
     "(SELECT count(*) FROM jobs j WHERE j.controller_id = c.id "
     "AND j.status IN ('queued', 'running')) AS running_jobs FROM controllers c"
 )
@@ -93,4 +94,5 @@ def lease_from_row(row: sqlite3.Row) -> ControllerLease:
                            version=row["version"], token=row["token"],
                            started_at=from_text(row["started_at"]),
                            heartbeat_at=from_text(row["heartbeat_at"]),
-                           stopped=bool(row["stopped"]), running_jobs=row["running_jobs"])
+                           stopped=bool(row["stopped"]), running_jobs=row["running_jobs"],
+                           engine_id=row["engine_id"], lease_s=row["lease_s"])

@@ -17,6 +17,7 @@ from ci_common.models import (
     ApiKey,
     ControllerLease,
     EventKind,
+    Fence,
     Job,
     JobEvent,
     JobOutcome,
@@ -24,6 +25,7 @@ from ci_common.models import (
     OutputChunk,
     OutputStream,
     StoredKey,
+    TakeOver,
     User,
     utcnow,
 )
@@ -32,10 +34,15 @@ from ci_persistence.logcap import marker_text, plan_drop, utf8_len
 from ci_persistence.migrate import migrate
 from ci_persistence.policy import (
     POLL_BATCH,
+    Fate,
+    TakeOverFates,
+    can_take_over,
     cancelled_outcome,
     check_lease_free,
     check_terminal,
+    controller_lost_outcome,
     end_event_text,
+    lease_lost,
 )
 from ci_persistence.rows import (
     EVENT_COLUMNS,
@@ -61,7 +68,8 @@ _CAP_BATCH = 500  # oldest OUTPUT events read per step while planning a log-cap 
 # index of active jobs; left to guess, the planner scans every job ever run.
 _CLAIM_SQL = f"""
 UPDATE jobs SET controller_id = :controller_id
-WHERE id = (
+WHERE EXISTS (SELECT 1 FROM controllers WHERE id = :controller_id AND token = :token)
+AND id = (
     SELECT w.id FROM jobs w
     LEFT JOIN (
         SELECT user_id, count(*) AS n FROM jobs INDEXED BY jobs_active
@@ -249,19 +257,23 @@ class SqliteRepository:
         return bytes(rows[0][0])
 
     # ----------------------------------------------------------------- jobs (controller side)
-    def claim_next_job(self, controller_id: str) -> Job | None:
+    def claim_next_job(self, fence: Fence) -> Job | None:
         """Atomically claim the fairest waiting job; None when nothing is waiting."""
         with self._db.write() as conn:
-            row = conn.execute(_CLAIM_SQL, {"controller_id": controller_id}).fetchone()
+            row = conn.execute(_CLAIM_SQL, {"controller_id": fence.controller_id,
+                                            "token": fence.token}).fetchone()
+            if row is None:
+                _check_lease(conn, fence)
         return None if row is None else job_from_row(row)
 
-    def mark_running(self, job_id: str, container_id: str, start_time: datetime) -> Job:
+    def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
+                     fence: Fence) -> Job:
         """Status RUNNING with its STATUS event; again for a running job only sets container_id.
 
         A job that became terminal meanwhile is returned unchanged.
         """
         with self._db.write() as conn:
-            job = _load_job(conn, job_id)
+            job = _load_fenced_job(conn, job_id, fence)
             if job.status.is_terminal:
                 return job
             if job.status is JobStatus.RUNNING:
@@ -274,10 +286,10 @@ class SqliteRepository:
                 _append_event(conn, job_id, EventKind.STATUS, JobStatus.RUNNING.value)
             return _load_job(conn, job_id)
 
-    def release_job(self, job_id: str) -> Job:
+    def release_job(self, job_id: str, *, fence: Fence) -> Job:
         """Unclaim a job that never started; one whose cancel was asked is cancelled instead."""
         with self._db.write() as conn:
-            job = _load_job(conn, job_id)
+            job = _load_fenced_job(conn, job_id, fence)
             if job.status is not JobStatus.QUEUED or job.controller_id is None:
                 return job
             conn.execute("UPDATE jobs SET controller_id = NULL WHERE id = ?", (job_id,))
@@ -291,12 +303,14 @@ class SqliteRepository:
         job_id: str,
         chunks: Sequence[OutputChunk],
         log_cursor: int,
+        *,
+        fence: Fence,
         keep_bytes: int | None = None,
         skipped_bytes: int = 0,
     ) -> list[JobEvent]:
         """Append OUTPUT events and move log_cursor in one transaction; apply the log cap."""
         with self._db.write() as conn:
-            job = _load_job(conn, job_id)
+            job = _load_fenced_job(conn, job_id, fence)
             if job.status.is_terminal:
                 return []
             texts = [chunk for chunk in chunks if chunk.text]
@@ -320,11 +334,12 @@ class SqliteRepository:
                 "ORDER BY seq", (job_id, first_seq)).fetchall()
             return [event_from_row(row) for row in rows]
 
-    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime) -> Job:
+    def finish_job(self, job_id: str, outcome: JobOutcome, end_time: datetime, *,
+                   fence: Fence) -> Job:
         """Record the outcome and append the END event, atomically and once."""
         check_terminal(outcome)
         with self._db.write() as conn:
-            job = _load_job(conn, job_id)
+            job = _load_fenced_job(conn, job_id, fence)
             if job.status.is_terminal:
                 return job
             _finish(conn, job_id, outcome, end_time)
@@ -349,15 +364,17 @@ class SqliteRepository:
         """Take the lease with a new token unless a live controller holds it; atomic."""
         with self._db.write() as conn:
             row = conn.execute(f"{LEASE_SELECT} WHERE c.id = ?", (controller_id,)).fetchone()
-            check_lease_free(None if row is None else lease_from_row(row), now, lease_s,
-                             replace_token)
+            check_lease_free(None if row is None else lease_from_row(row), now, replace_token)
             conn.execute(
                 "INSERT INTO controllers (id, host, pid, version, token, started_at, "
-                "heartbeat_at, stopped) VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (id) DO "
+                "heartbeat_at, stopped, lease_s) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) "
+                "ON CONFLICT (id) DO "
                 "UPDATE SET host = excluded.host, pid = excluded.pid, version = excluded.version, "
                 "token = excluded.token, started_at = excluded.started_at, "
-                "heartbeat_at = excluded.heartbeat_at, stopped = 0",
-                (controller_id, host, pid, version, uuid.uuid4().hex, to_text(now), to_text(now)))
+                "heartbeat_at = excluded.heartbeat_at, stopped = 0, engine_id = '', "
+                "lease_s = excluded.lease_s",
+                (controller_id, host, pid, version, uuid.uuid4().hex, to_text(now), to_text(now),
+                 lease_s))
             row = conn.execute(f"{LEASE_SELECT} WHERE c.id = ?", (controller_id,)).fetchone()
             return lease_from_row(row)
 
@@ -374,6 +391,44 @@ class SqliteRepository:
         with self._db.write() as conn:
             conn.execute("UPDATE controllers SET stopped = 1, heartbeat_at = ? "
                          "WHERE id = ? AND token = ?", (to_text(now), controller_id, token))
+
+    def record_engine(self, fence: Fence, engine_id: str) -> None:
+        """Note the engine this holder runs containers on; LeaseLost if no longer held."""
+        with self._db.write() as conn:
+            row = conn.execute("UPDATE controllers SET engine_id = ? WHERE id = ? AND token = ? "
+                               "RETURNING id", (engine_id, fence.controller_id, fence.token)
+                               ).fetchone()
+            if row is None:
+                raise lease_lost(fence)
+
+    def take_over(self, gone: ControllerLease, taker: Fence, adopt: bool,
+                  now: datetime) -> TakeOver | None:
+        """Take an expired controller's jobs, if it is still as the taker saw it; atomic."""
+        with self._db.write() as conn:
+            row = conn.execute(f"{LEASE_SELECT} WHERE c.id = ?", (gone.id,)).fetchone()
+            holder = None if row is None else lease_from_row(row)
+            if holder is None or not can_take_over(holder, gone.token, now):
+                return None
+            _check_lease(conn, taker)
+            # A new token nobody knows: every late write of the gone holder is refused.
+            conn.execute("UPDATE controllers SET token = ? WHERE id = ?",
+                         (uuid.uuid4().hex, gone.id))
+            jobs = [job_from_row(r) for r in conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE controller_id = ? AND status IN {_ACTIVE} "
+                "ORDER BY created_at, id", (gone.id,)).fetchall()]
+            fates = TakeOverFates()
+            for job in jobs:
+                fate = fates.decide(job, adopt)
+                if fate is Fate.ADOPTED:
+                    conn.execute("UPDATE jobs SET controller_id = ? WHERE id = ?",
+                                 (taker.controller_id, job.id))
+                elif fate is Fate.FAILED:
+                    _finish(conn, job.id, controller_lost_outcome(holder), now)
+                else:
+                    conn.execute("UPDATE jobs SET controller_id = NULL WHERE id = ?", (job.id,))
+                    if fate is Fate.CANCELLED:
+                        _finish(conn, job.id, cancelled_outcome(), now)
+            return fates.result(gone.id)
 
     def get_lease(self, controller_id: str) -> ControllerLease | None:
         """The lease row of one controller id, or None."""
@@ -416,6 +471,27 @@ def _load_job(conn: sqlite3.Connection, job_id: str, user_id: str | None = None)
     if row is None or (user_id is not None and row["user_id"] != user_id):
         raise NotFound(f"job {job_id} not found")
     return job_from_row(row)
+
+
+def _check_lease(conn: sqlite3.Connection, fence: Fence) -> None:
+    """Raise LeaseLost unless the lease on fence.controller_id still carries fence.token.
+
+    Called inside the write transaction (BEGIN IMMEDIATE holds the write lock), so the check
+    and the write it guards are one atomic step: no take-over can come between them.
+    """
+    row = conn.execute("SELECT 1 FROM controllers WHERE id = ? AND token = ?",
+                       (fence.controller_id, fence.token)).fetchone()
+    if row is None:
+        raise lease_lost(fence)
+
+
+def _load_fenced_job(conn: sqlite3.Connection, job_id: str, fence: Fence) -> Job:
+    """The job, if it is fence.controller_id's and that lease still carries fence.token."""
+    job = _load_job(conn, job_id)
+    if job.controller_id != fence.controller_id:
+        raise lease_lost(fence)
+    _check_lease(conn, fence)
+    return job
 
 
 def _reserve_seqs(conn: sqlite3.Connection, job_id: str, count: int) -> int:

@@ -55,27 +55,27 @@ def container_states(dep: Deployment) -> list[str]:
     client = docker.from_env()
     try:
         rows = client.api.containers(
-            all=True, filters={"label": f"ci.controller_id={dep.controller_id}"})
+            all=True, filters={"label": dep.label()})
         return [str(row["State"]) for row in rows]
     finally:
         client.close()
 
 
 class StartWatch:
-    """Records the engine's container start events for one controller id, from creation on.
+    """Records the engine's container start events for one deployment, from creation on.
 
     It subscribes at once: the engine keeps only its last 256 events, so a query after the run
     can miss some while other tests share the engine.
     """
 
-    def __init__(self, controller_id: str) -> None:
+    def __init__(self, dep: Deployment) -> None:
         self._client = docker.from_env()
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stream = self._client.events(
             since=int(time.time()) - 1, decode=True,
             filters={"type": "container", "event": "start",
-                     "label": f"ci.controller_id={controller_id}"})
+                     "label": dep.label()})
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 

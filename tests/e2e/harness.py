@@ -26,6 +26,8 @@ from pathlib import Path
 import docker
 import httpx
 
+from ci_persistence.sqlite import SqliteRepository
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY_PATTERN = re.compile(r"ci_[A-Za-z0-9_-]{32,}")
 
@@ -94,25 +96,24 @@ class Deployment:
     def controller_id(self) -> str:
         return self.extra_env.get("CI_CONTROLLER_ID", f"test-{self.run_id}")
 
-    def installation_id(self) -> str | None:
-        """The id the database was given at creation (None before any service made it)."""
+    def installation_id(self) -> str:
+        """The id the database was given at creation (the database is made now if need be)."""
         if not self.db_path.exists():
-            return None
+            SqliteRepository(str(self.db_path)).close()
         conn = sqlite3.connect(self.db_path)
         try:
             row = conn.execute("SELECT id FROM installation").fetchone()
-        except sqlite3.OperationalError:  # not migrated yet
-            return None
         finally:
             conn.close()
-        return None if row is None else str(row[0])
+        return str(row[0])
 
     def label(self) -> str:
-        """The label that selects this deployment's containers, and no other deployment's."""
-        installation = self.installation_id()
-        if installation is not None:
-            return f"ci.installation_id={installation}"
-        return f"ci.controller_id={self.controller_id}"
+        """The label that selects this deployment's containers, and no other deployment's.
+
+        The installation id, never the controller id: deployments may share controller ids
+        (two installations on one engine do, by default).
+        """
+        return f"ci.installation_id={self.installation_id()}"
 
     @property
     def container_prefix(self) -> str:

@@ -27,6 +27,7 @@ from ci_common.settings import Settings
 from ci_controller.docker_runtime import DockerRuntime
 from ci_controller.reconciler import Controller
 from ci_persistence.sqlite import SqliteRepository
+from tests.leases import hold_lease
 
 pytestmark = pytest.mark.docker
 
@@ -84,8 +85,9 @@ class Deployment:
         default_factory=list)
 
     def start_controller(self) -> Controller:
-        controller = Controller(self.settings, SqliteRepository(self.settings.db_path),
-                                DockerRuntime())
+        repository = SqliteRepository(self.settings.db_path)
+        controller = Controller(self.settings, repository, DockerRuntime(),
+                                fence=hold_lease(repository, self.settings.controller_id))
         stop = threading.Event()
         thread = threading.Thread(target=controller.run_forever, args=(stop,), daemon=True)
         thread.start()
@@ -137,14 +139,14 @@ def deployment(tmp_path: Path, runner_image: str, ca_bundle: str | None) -> Iter
         for _controller, stop, thread in dep.running:
             stop.set()
             thread.join(30)
-        remove_containers(settings.controller_id)
+        remove_containers(dep.repository.installation_id())
         dep.repository.close()
 
 
-def remove_containers(controller_id: str) -> None:
-    """Remove every container labelled with this controller id (some may be going already)."""
+def remove_containers(installation_id: str) -> None:
+    """Remove every container of this installation (some may be going already)."""
     api = docker.from_env().api
-    label = {"label": f"ci.controller_id={controller_id}"}
+    label = {"label": f"ci.installation_id={installation_id}"}
     deadline = time.monotonic() + 30
     # The low-level listing: the high-level one inspects each container and trips over one
     # the controller removes at the same moment.

@@ -5,10 +5,30 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Deployment
+from ci_common.models import Fence, utcnow
+from ci_persistence.sqlite import SqliteRepository
+from tests.e2e.crash_helpers import (
+    StartWatch,
+    assert_no_traceback,
+    container_states,
+    wait_for_job,
+    wait_until,
+)
+from tests.e2e.harness import (
+    PASSING_TEST,
+    Deployment,
+    LineReader,
+    job_id_from,
+    numbered_lines_in,
+    numbered_lines_test,
+    submit_async,
+    write_project,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -38,3 +58,104 @@ def test_a_second_controller_with_a_live_id_is_refused(deployment: Deployment) -
     restarted.terminate()
     row = controllers(deployment)[deployment.controller_id]
     assert (row["alive"], row["stopped"]) == (False, True)
+
+
+# --------------------------------------------------------------------------- take-over
+LEASE_S = "3"  # CI_CONTROLLER_LEASE for these tests: a gone controller is noticed quickly
+LINES = 60
+
+
+def test_a_killed_controllers_running_job_is_adopted_by_another_on_its_engine(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """kill -9 for good; a controller with another id on the same engine finishes the job."""
+    dep = deployment
+    server = dep.start_server()
+    first = dep.start_controller(CI_CONTROLLER_LEASE=LEASE_S)
+    user = dep.create_user()
+    starts = StartWatch(dep)
+    try:
+        project = write_project(tmp_path / "p", {"test_lines.py": numbered_lines_test(LINES, 0.1)},
+                                capture=False)
+        live = LineReader(dep.ci_popen("submit", "test", cwd=project, server=server,
+                                       api_key=user.api_key))
+        live.wait_for("line 5")
+        first.kill9()
+        taker = dep.start_controller(CI_CONTROLLER_ID=f"taker-{dep.run_id}",
+                                     CI_CONTROLLER_LEASE=LEASE_S)
+        out, err, code = live.finish()
+        assert code == 0, err
+        assert numbered_lines_in(out) == list(range(1, LINES + 1))  # each line exactly once
+        job_id = job_id_from(out + err)
+        assert starts.starts(job_id) == 1  # adopted, never restarted
+    finally:
+        starts.close()
+    job = wait_for_job(server, user.api_key, job_id)
+    assert (job["status"], job["success"]) == ("completed", True)
+    rows = controllers(dep)
+    assert (rows[dep.controller_id]["alive"], rows[dep.controller_id]["running_jobs"]) == (
+        False, 0)
+    assert rows[f"taker-{dep.run_id}"]["alive"] is True
+    assert_no_traceback(taker)
+    wait_until(lambda: not container_states(dep), 30, "the finished job's container to go")
+
+
+def ghost(dep: Deployment) -> tuple[SqliteRepository, Fence]:
+    """A controller on a host that died: its lease, last renewed a minute ago, on its engine.
+
+    Its rows are written exactly as it left them; the server, the controller that takes over,
+    the CLI and Docker are all real.
+    """
+    repository = SqliteRepository(str(dep.db_path))
+    then = utcnow() - timedelta(seconds=60)
+    lease = repository.acquire_lease("ghost", "dead-host", 4242, "0.1.0", then, 3.0)
+    repository.record_engine(lease.fence, "engine-of-the-dead-host")
+    return repository, lease.fence
+
+
+def test_a_gone_controllers_claimed_job_is_queued_again_and_runs(
+        deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    server = dep.start_server()
+    user = dep.create_user()
+    project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST})
+    job_id = submit_async(dep, server, project, user.api_key)
+    repository, fence = ghost(dep)
+    try:
+        claimed = repository.claim_next_job(fence)  # claimed; the host died before it started
+        assert claimed is not None and claimed.id == job_id
+    finally:
+        repository.close()
+    taker = dep.start_controller(CI_CONTROLLER_LEASE=LEASE_S)
+    result = dep.ci("wait", job_id, server=server, api_key=user.api_key)
+    assert result.returncode == 0, result.stderr
+    assert "1 passed" in result.stdout
+    job = wait_for_job(server, user.api_key, job_id)
+    assert (job["status"], job["success"]) == ("completed", True)
+    assert controllers(dep)["ghost"]["running_jobs"] == 0
+    assert_no_traceback(taker)
+
+
+def test_a_gone_controllers_running_job_elsewhere_fails_as_controller_lost(
+        deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    server = dep.start_server()
+    user = dep.create_user()
+    project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST})
+    job_id = submit_async(dep, server, project, user.api_key)
+    repository, fence = ghost(dep)
+    try:
+        assert repository.claim_next_job(fence) is not None
+        repository.mark_running(job_id, "a-container-on-the-dead-host", utcnow(), fence=fence)
+    finally:
+        repository.close()
+    live = LineReader(dep.ci_popen("wait", job_id, server=server, api_key=user.api_key))
+    taker = dep.start_controller(CI_CONTROLLER_LEASE=LEASE_S)
+    out, err, code = live.finish()
+    assert code == 1
+    job = wait_for_job(server, user.api_key, job_id)
+    assert (job["status"], job["success"]) == ("failed", False)
+    assert job["reason"].startswith("controller lost: controller 'ghost' on dead-host was last "
+                                    "seen "), job
+    assert "controller lost" in out + err  # the user is told why, in one line
+    assert not container_states(dep)  # nothing was started for it here
+    assert_no_traceback(taker)

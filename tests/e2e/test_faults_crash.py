@@ -47,7 +47,7 @@ ADOPTED = re.compile(r"INFO .*job (\S+): adopted container \w+, resuming after o
 @pytest.fixture
 def watch(deployment: Deployment) -> Iterator[StartWatch]:
     """Container starts of this deployment, as the engine reports them."""
-    starts = StartWatch(deployment.controller_id)
+    starts = StartWatch(deployment)
     try:
         yield starts
     finally:

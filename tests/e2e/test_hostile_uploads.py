@@ -483,7 +483,7 @@ def test_runner_writes_nothing_outside_its_work_dir(runner_image: str, case: str
         changed = {entry["Path"] for entry in client.api.diff(container_id)}
     finally:
         client.close()
-        remove_labelled_containers(f"ci.controller_id={settings.controller_id}")
+        remove_labelled_containers(f"ci.installation_id={tag}")
     assert RUNNER_REFUSES[case][1] in logs, logs
     # Control: the entries before the bad one were extracted, so the diff does see extraction.
     assert f"{WORK_DIR}/requirements.txt" in changed, changed

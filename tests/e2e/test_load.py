@@ -118,8 +118,8 @@ class HttpLog:
 class EngineWatch:
     """Samples running containers every ~100 ms and records start/die events, in threads."""
 
-    def __init__(self, controller_id: str) -> None:
-        self.label = f"ci.controller_id={controller_id}"
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.samples: list[int] = []
         self.sample_errors: list[str] = []
         self.events: list[dict[str, Any]] = []
@@ -179,7 +179,7 @@ class EngineWatch:
 
 @pytest.fixture
 def engine_watch(deployment: Deployment) -> Iterator[EngineWatch]:
-    watch = EngineWatch(deployment.controller_id)
+    watch = EngineWatch(deployment.label())
     try:
         yield watch
     finally:

@@ -30,6 +30,7 @@ from ci_common.models import JobOutcome, JobStatus, OutputChunk, OutputStream, u
 from ci_common.settings import Settings
 from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
+from tests.leases import hold_lease, owner_fence
 
 with warnings.catch_warnings():  # Starlette suggests httpx2; its transport works on httpx
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -104,16 +105,18 @@ class Service:
         """A job created directly in the repository, optionally run to an outcome."""
         job = self.repo.create_job(self.user_id, b"zip", None)
         if chunks is not None or outcome is not None:
-            self.repo.claim_next_job("fake-controller")
-            self.repo.mark_running(job.id, "container", utcnow())
+            self.repo.claim_next_job(hold_lease(self.repo, "fake-controller"))
+            self.repo.mark_running(job.id, "container", utcnow(),
+                                   fence=owner_fence(self.repo, job.id))
             self._output(job.id, chunks or [])
         if outcome is not None:
-            self.repo.finish_job(job.id, outcome, utcnow())
+            self.repo.finish_job(job.id, outcome, utcnow(), fence=owner_fence(self.repo, job.id))
         return job.id
 
     def _output(self, job_id: str, chunks: list[str]) -> None:
         for number, text in enumerate(chunks, start=1):
-            self.repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, text)], number)
+            self.repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, text)], number,
+                                    fence=owner_fence(self.repo, job_id))
 
     def controller(self, chunks: list[str], outcome: JobOutcome,
                    start: threading.Event | None = None) -> threading.Thread:
@@ -123,14 +126,16 @@ class Service:
                 deadline = time.monotonic() + 30
                 job = None
                 while job is None and time.monotonic() < deadline:
-                    job = self.repo.claim_next_job("fake-controller")
+                    job = self.repo.claim_next_job(hold_lease(self.repo, "fake-controller"))
                     time.sleep(0.01)
                 assert job is not None, "no job was submitted"
                 if start is not None:
                     assert start.wait(30)
-                self.repo.mark_running(job.id, "container", utcnow())
+                self.repo.mark_running(job.id, "container", utcnow(),
+                                       fence=owner_fence(self.repo, job.id))
                 self._output(job.id, chunks)
-                self.repo.finish_job(job.id, outcome, utcnow())
+                self.repo.finish_job(job.id, outcome, utcnow(),
+                                     fence=owner_fence(self.repo, job.id))
             except BaseException as exc:  # reported by the test through service.errors
                 self.errors.append(exc)
         thread = threading.Thread(target=work, daemon=True)
@@ -298,8 +303,10 @@ def test_wait_shows_only_what_comes_after_now(service: Service) -> None:
 
     def finish() -> None:
         if listening.wait(30):
-            service.repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, "new\n")], 2)
-            service.repo.finish_job(job_id, PASSED, utcnow())
+            service.repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, "new\n")], 2,
+                                       fence=owner_fence(service.repo, job_id))
+            service.repo.finish_job(job_id, PASSED, utcnow(),
+                                    fence=owner_fence(service.repo, job_id))
     thread = threading.Thread(target=finish, daemon=True)
     thread.start()
     result = service.run("wait", job_id)

@@ -22,6 +22,7 @@ from ci_controller.framing import (
     to_chunks,
 )
 from ci_persistence.memory import InMemoryRepository
+from tests.leases import hold_lease, owner_fence
 
 RUNNER = Path(runner_entry.__file__)
 
@@ -119,7 +120,8 @@ def frame_lines(*frames: tuple[int, str, str]) -> bytes:
 
 def follow(repo: InMemoryRepository, job_id: str, data: bytes, stored_through: int = 0,
            keep_bytes: int | None = None) -> list[str]:
-    follower = OutputFollower(job_id, ListFollow([data]), repo, stored_through, keep_bytes)
+    follower = OutputFollower(job_id, ListFollow([data]), repo, stored_through, keep_bytes,
+                              fence=owner_fence(repo, job_id))
     follower.start()
     follower.finish(5.0)
     return [e.text for e in repo.list_events(job_id) if e.kind is EventKind.OUTPUT]
@@ -128,8 +130,9 @@ def follow(repo: InMemoryRepository, job_id: str, data: bytes, stored_through: i
 def running_job(repo: InMemoryRepository) -> str:
     user = repo.create_user("A", "a@example.com")
     job = repo.create_job(user.id, b"zip", None)
-    assert repo.claim_next_job("ctl") is not None
-    return repo.mark_running(job.id, "container-1", datetime.now(UTC)).id
+    assert repo.claim_next_job(hold_lease(repo, "ctl")) is not None
+    return repo.mark_running(job.id, "container-1", datetime.now(UTC),
+                             fence=owner_fence(repo, job.id)).id
 
 
 def test_frames_missing_from_the_engine_log_leave_a_marker() -> None:

@@ -11,7 +11,15 @@ from dataclasses import replace
 import pytest
 
 from ci_common.errors import CIError, RuntimeUnavailable
-from ci_common.models import EventKind, Job, JobEvent, JobStatus, OutputChunk, OutputStream
+from ci_common.models import (
+    EventKind,
+    Fence,
+    Job,
+    JobEvent,
+    JobStatus,
+    OutputChunk,
+    OutputStream,
+)
 from ci_common.settings import Settings
 from ci_controller.fake_runtime import FakeRuntime, FakeScript, runner_frames
 from ci_controller.reconciler import Controller
@@ -19,6 +27,7 @@ from ci_controller.runtime import ContainerSpec, ContainerStatus
 from ci_controller.spec import ARCHIVE_PATH, RUNNER_PATH, job_container_spec
 from ci_controller.supervisor import runner_source
 from ci_persistence.memory import InMemoryRepository
+from tests.leases import hold_lease, owner_fence
 
 ARCHIVE = b"PK fake zip bytes"
 PASSING = FakeScript(steps=runner_frames(
@@ -33,10 +42,12 @@ class CountingRepository(InMemoryRepository):
         super().__init__()
         self.append_calls = 0
 
-    def append_output(self, job_id: str, chunks: Sequence[OutputChunk], log_cursor: int,
-                      keep_bytes: int | None = None, skipped_bytes: int = 0) -> list[JobEvent]:
+    def append_output(self, job_id: str, chunks: Sequence[OutputChunk], log_cursor: int, *,
+                      fence: Fence, keep_bytes: int | None = None,
+                      skipped_bytes: int = 0) -> list[JobEvent]:
         self.append_calls += 1
-        return super().append_output(job_id, chunks, log_cursor, keep_bytes, skipped_bytes)
+        return super().append_output(job_id, chunks, log_cursor, fence=fence,
+                                     keep_bytes=keep_bytes, skipped_bytes=skipped_bytes)
 
 
 @pytest.fixture
@@ -65,7 +76,8 @@ def settings(**overrides: object) -> Settings:
 
 def make_controller(repo: InMemoryRepository, runtime: FakeRuntime,
                     made: list[Controller], **overrides: object) -> Controller:
-    controller = Controller(settings(**overrides), repo, runtime)
+    cfg = settings(**overrides)
+    controller = Controller(cfg, repo, runtime, fence=hold_lease(repo, cfg.controller_id))
     made.append(controller)
     return controller
 
@@ -317,16 +329,16 @@ def test_adoption_of_an_exited_container_skips_stored_frames(
     # A controller stored frames 1-3, crashed; the container finished meanwhile.
     job = submit(repo)
     cfg = settings()
-    claimed = repo.claim_next_job(cfg.controller_id)
+    claimed = repo.claim_next_job(hold_lease(repo, cfg.controller_id))
     assert claimed is not None and claimed.id == job.id
     runtime.scripts[job.id] = FakeScript(steps=runner_frames(
         *numbered(1, 6), ("phase", "tests exited 1")), exit_code=1)
     container_id = runtime.create(job_container_spec(cfg, job.id, repo.installation_id()))
     runtime.start(container_id)
     assert runtime.wait(container_id, 5)
-    repo.mark_running(job.id, container_id, claimed.created_at)
+    repo.mark_running(job.id, container_id, claimed.created_at, fence=owner_fence(repo, job.id))
     repo.append_output(job.id, [OutputChunk(OutputStream.STDOUT, expected_lines(1, 3))],
-                       log_cursor=3)
+                       log_cursor=3, fence=owner_fence(repo, job.id))
     controller = make_controller(repo, runtime, controllers)
     assert controller.run_once() is True
     done = finish(controller, repo, job.id)
@@ -340,7 +352,7 @@ def test_claimed_but_never_started_is_started_fresh(repo: CountingRepository,
                                                     controllers: list[Controller]) -> None:
     job = submit(repo)
     cfg = settings()
-    assert repo.claim_next_job(cfg.controller_id) is not None
+    assert repo.claim_next_job(hold_lease(repo, cfg.controller_id)) is not None
     # created, never started
     leftover = runtime.create(job_container_spec(cfg, job.id, repo.installation_id()))
     controller = make_controller(repo, runtime, controllers)
@@ -498,7 +510,7 @@ def test_engine_down_keeps_jobs_queued_and_logs_once(repo: CountingRepository,
     job = submit(repo)
     now = [1000.0]
     controller = Controller(settings(reconcile_interval_s=1.0), repo, runtime,
-                            clock=lambda: now[0])
+                            fence=hold_lease(repo, "ctl-1"), clock=lambda: now[0])
     controllers.append(controller)
     for _ in range(20):  # 20 loops within one retry window
         controller.run_once()
@@ -589,6 +601,7 @@ def test_a_crashed_supervisor_keeps_its_slot_until_its_container_is_adopted(
     runtime.fail["follow_output"] = CIError("the log stream broke")  # the first supervisor dies
     skipped_s = [0.0]  # lets the test jump over the controller's pause before re-adopting
     controller = Controller(settings(max_concurrent_jobs=1), repo, runtime,
+                            fence=hold_lease(repo, "ctl-1"),
                             clock=lambda: time.monotonic() + skipped_s[0])
     controllers.append(controller)
     deadline = time.monotonic() + 10
@@ -642,10 +655,10 @@ def test_an_unlabelled_container_of_our_running_job_is_adopted(
         repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
     runtime.default = FakeScript(steps=runner_frames(*numbered(1, 3), ("phase", "tests exited 0")))
     job = submit(repo)
-    repo.claim_next_job("ctl-1")
+    repo.claim_next_job(hold_lease(repo, "ctl-1"))
     container_id = runtime.create(_legacy_spec(job.id))
     runtime.start(container_id)
-    repo.mark_running(job.id, container_id, job.created_at)
+    repo.mark_running(job.id, container_id, job.created_at, fence=owner_fence(repo, job.id))
     controller = make_controller(repo, runtime, controllers)
     controller.run_once()
     done = finish(controller, repo, job.id)

@@ -5,21 +5,23 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from ci_common.errors import AlreadyExists, ControllerIdInUse, NotFound
+from ci_common.errors import AlreadyExists, ControllerIdInUse, LeaseLost, NotFound
 from ci_common.models import (
     ControllerLease,
     EventKind,
+    Fence,
     Job,
     JobOutcome,
     JobStatus,
     OutputChunk,
     OutputStream,
+    TakeOver,
     User,
 )
 from ci_common.repository import Repository
@@ -27,6 +29,7 @@ from ci_common.settings import format_size
 from ci_common.wire import EndData
 from ci_persistence import InMemoryRepository, SqliteRepository
 from ci_persistence.migrate import load_migrations
+from tests.leases import hold_lease, owner_fence
 
 CTRL = "controller-1"
 PASSED = JobOutcome(status=JobStatus.COMPLETED, exit_code=0, success=True, reason=None)
@@ -63,8 +66,9 @@ def new_jobs(repo: Repository, user: User, count: int) -> list[Job]:
 
 def running_job(repo: Repository, user: User) -> Job:
     job = repo.create_job(user.id, b"zip", None)
-    assert repo.claim_next_job(CTRL) is not None
-    return repo.mark_running(job.id, "container-1", datetime.now(UTC))
+    assert repo.claim_next_job(hold_lease(repo, CTRL)) is not None
+    return repo.mark_running(job.id, "container-1", datetime.now(UTC),
+                             fence=owner_fence(repo, job.id))
 
 
 def is_aware_utc(when: datetime | None) -> bool:
@@ -116,11 +120,11 @@ def test_change_token_is_stable_without_writes_and_moves_after_each_write(
     seen = [repo.change_token()]
     job = repo.create_job(user.id, b"zip", None)
     seen.append(repo.change_token())
-    repo.claim_next_job(CTRL)
+    repo.claim_next_job(hold_lease(repo, CTRL))
     seen.append(repo.change_token())
-    repo.append_output(job.id, [out("line\n")], 1)
+    repo.append_output(job.id, [out("line\n")], 1, fence=owner_fence(repo, job.id))
     seen.append(repo.change_token())
-    repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    repo.finish_job(job.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, job.id))
     seen.append(repo.change_token())
     repo.set_user_active(user.id, False)
     seen.append(repo.change_token())
@@ -251,10 +255,14 @@ def test_job_errors(repo: Repository, user: User) -> None:
     assert repo.get_job(job.id, user_id=user.id).id == job.id
     with pytest.raises(NotFound):
         repo.get_archive(str(uuid.uuid4()))
-    for call in (lambda: repo.mark_running(str(uuid.uuid4()), "c", datetime.now(UTC)),
-                 lambda: repo.release_job(str(uuid.uuid4())),
-                 lambda: repo.append_output(str(uuid.uuid4()), [out("x")], 1),
-                 lambda: repo.finish_job(str(uuid.uuid4()), PASSED, datetime.now(UTC)),
+    for call in (lambda: repo.mark_running(str(uuid.uuid4()), "c", datetime.now(UTC),
+                                           fence=owner_fence(repo, str(uuid.uuid4()))),
+                 lambda: repo.release_job(str(uuid.uuid4()),
+                                          fence=owner_fence(repo, str(uuid.uuid4()))),
+                 lambda: repo.append_output(str(uuid.uuid4()), [out("x")], 1,
+                                            fence=owner_fence(repo, str(uuid.uuid4()))),
+                 lambda: repo.finish_job(str(uuid.uuid4()), PASSED, datetime.now(UTC),
+                                         fence=owner_fence(repo, str(uuid.uuid4()))),
                  lambda: repo.request_cancel(str(uuid.uuid4()), user.id),
                  lambda: repo.request_cancel(job.id, other.id)):
         with pytest.raises(NotFound):
@@ -287,13 +295,13 @@ def test_cancel_queued_unclaimed_job_finishes_it_at_once(repo: Repository, user:
     assert [(e.seq, e.kind) for e in events] == [(1, EventKind.STATUS), (2, EventKind.END)]
     assert EndData.model_validate_json(events[-1].text) == EndData(
         status=JobStatus.CANCELLED, exit_code=None, success=False, reason="cancelled by user")
-    assert repo.claim_next_job(CTRL) is None
+    assert repo.claim_next_job(hold_lease(repo, CTRL)) is None
     assert repo.count_queued_jobs() == 0
 
 
 def test_cancel_claimed_or_running_job_only_sets_the_flag(repo: Repository, user: User) -> None:
     claimed = repo.create_job(user.id, b"zip", None)
-    assert repo.claim_next_job(CTRL) is not None
+    assert repo.claim_next_job(hold_lease(repo, CTRL)) is not None
     after = repo.request_cancel(claimed.id, user.id)
     assert after.status is JobStatus.QUEUED and after.cancel_requested
     assert after.controller_id == CTRL
@@ -306,33 +314,33 @@ def test_cancel_claimed_or_running_job_only_sets_the_flag(repo: Repository, user
 
 def test_cancel_terminal_job_changes_nothing(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    done = repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    done = repo.finish_job(job.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, job.id))
     assert repo.request_cancel(job.id, user.id) == done
     assert repo.last_event_seq(job.id) == 3
 
 
 def test_release_of_a_cancel_requested_job_cancels_it(repo: Repository, user: User) -> None:
     job = repo.create_job(user.id, b"zip", None)
-    repo.claim_next_job(CTRL)
+    repo.claim_next_job(hold_lease(repo, CTRL))
     repo.request_cancel(job.id, user.id)
-    released = repo.release_job(job.id)
+    released = repo.release_job(job.id, fence=owner_fence(repo, job.id))
     assert released.status is JobStatus.CANCELLED and released.reason == "cancelled by user"
     assert repo.list_events(job.id)[-1].kind is EventKind.END
 
 
 # --------------------------------------------------------------------------- claim
 def test_claim_on_empty_queue_returns_none(repo: Repository) -> None:
-    assert repo.claim_next_job(CTRL) is None
+    assert repo.claim_next_job(hold_lease(repo, CTRL)) is None
 
 
 def test_claim_oldest_first_and_never_twice(repo: Repository, user: User) -> None:
     jobs = new_jobs(repo, user, 3)
     assert repo.count_queued_jobs() == 3
-    claimed = [repo.claim_next_job(CTRL) for _ in range(3)]
+    claimed = [repo.claim_next_job(hold_lease(repo, CTRL)) for _ in range(3)]
     assert [job.id for job in claimed if job] == [job.id for job in jobs]
     assert all(job is not None and job.controller_id == CTRL
                and job.status is JobStatus.QUEUED for job in claimed)
-    assert repo.claim_next_job("controller-2") is None
+    assert repo.claim_next_job(hold_lease(repo, "controller-2")) is None
     assert repo.count_queued_jobs() == 0
 
 
@@ -340,7 +348,7 @@ def test_claim_is_fair_between_users(repo: Repository, user: User) -> None:
     bob = repo.create_user("Bob", "bob@example.com")
     ada_jobs = new_jobs(repo, user, 3)
     bob_jobs = new_jobs(repo, bob, 2)
-    order = [repo.claim_next_job(CTRL) for _ in range(5)]
+    order = [repo.claim_next_job(hold_lease(repo, CTRL)) for _ in range(5)]
     assert [job.id for job in order if job] == [
         ada_jobs[0].id, bob_jobs[0].id, ada_jobs[1].id, bob_jobs[1].id, ada_jobs[2].id]
 
@@ -348,50 +356,51 @@ def test_claim_is_fair_between_users(repo: Repository, user: User) -> None:
 def test_finished_jobs_do_not_count_against_fairness(repo: Repository, user: User) -> None:
     bob = repo.create_user("Bob", "bob@example.com")
     first = repo.create_job(user.id, b"zip", None)
-    repo.claim_next_job(CTRL)
-    repo.finish_job(first.id, PASSED, datetime.now(UTC))
+    repo.claim_next_job(hold_lease(repo, CTRL))
+    repo.finish_job(first.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, first.id))
     ada_next = new_jobs(repo, user, 1)[0]
     bob_busy = new_jobs(repo, bob, 1)[0]
     bob_next = new_jobs(repo, bob, 1)[0]
     # Ada's finished job is not busy, so she is level with Bob and her older job goes first;
     # were it counted, Bob's job would.
-    assert repo.claim_next_job(CTRL).id == ada_next.id  # type: ignore[union-attr]
-    assert repo.claim_next_job(CTRL).id == bob_busy.id  # type: ignore[union-attr]
-    assert repo.claim_next_job(CTRL).id == bob_next.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(hold_lease(repo, CTRL)).id == ada_next.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(hold_lease(repo, CTRL)).id == bob_busy.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(hold_lease(repo, CTRL)).id == bob_next.id  # type: ignore[union-attr]
 
 
 def test_claim_skips_cancelled_jobs(repo: Repository, user: User) -> None:
     cancelled, waiting = new_jobs(repo, user, 2)
     repo.request_cancel(cancelled.id, user.id)
-    assert repo.claim_next_job(CTRL).id == waiting.id  # type: ignore[union-attr]
-    assert repo.claim_next_job(CTRL) is None
+    assert repo.claim_next_job(hold_lease(repo, CTRL)).id == waiting.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(hold_lease(repo, CTRL)) is None
 
 
 def test_release_job_returns_it_to_the_queue(repo: Repository, user: User) -> None:
     job = repo.create_job(user.id, b"zip", None)
-    repo.claim_next_job(CTRL)
-    released = repo.release_job(job.id)
+    repo.claim_next_job(hold_lease(repo, CTRL))
+    released = repo.release_job(job.id, fence=owner_fence(repo, job.id))
     assert released.controller_id is None and released.status is JobStatus.QUEUED
     assert repo.count_queued_jobs() == 1
     assert repo.list_controller_jobs(CTRL) == []
-    assert repo.claim_next_job("controller-2").id == job.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(hold_lease(repo, "controller-2")).id == job.id  # type: ignore[union-attr]
 
 
 def test_release_of_running_or_finished_job_changes_nothing(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    assert repo.release_job(job.id) == repo.get_job(job.id)
+    assert repo.release_job(job.id, fence=owner_fence(repo, job.id)) == repo.get_job(job.id)
     assert repo.get_job(job.id).controller_id == CTRL
 
 
 # --------------------------------------------------------------------------- controller side
 def test_mark_running_records_start_and_is_idempotent(repo: Repository, user: User) -> None:
     job = repo.create_job(user.id, b"zip", None)
-    repo.claim_next_job(CTRL)
+    repo.claim_next_job(hold_lease(repo, CTRL))
     start = datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
-    running = repo.mark_running(job.id, "container-a", start)
+    running = repo.mark_running(job.id, "container-a", start, fence=owner_fence(repo, job.id))
     assert running.status is JobStatus.RUNNING
     assert (running.container_id, running.start_time) == ("container-a", start)
-    again = repo.mark_running(job.id, "container-b", start + timedelta(seconds=5))
+    again = repo.mark_running(job.id, "container-b", start + timedelta(seconds=5),
+                              fence=owner_fence(repo, job.id))
     assert again.container_id == "container-b" and again.start_time == start
     assert [(e.seq, e.kind, e.text) for e in repo.list_events(job.id)] == [
         (1, EventKind.STATUS, "queued"), (2, EventKind.STATUS, "running")]
@@ -399,12 +408,12 @@ def test_mark_running_records_start_and_is_idempotent(repo: Repository, user: Us
 
 def test_list_controller_jobs(repo: Repository, user: User) -> None:
     a, b, c = new_jobs(repo, user, 3)
-    repo.claim_next_job(CTRL)
-    repo.claim_next_job(CTRL)
-    repo.claim_next_job("controller-2")
-    repo.mark_running(a.id, "c", datetime.now(UTC))
+    repo.claim_next_job(hold_lease(repo, CTRL))
+    repo.claim_next_job(hold_lease(repo, CTRL))
+    repo.claim_next_job(hold_lease(repo, "controller-2"))
+    repo.mark_running(a.id, "c", datetime.now(UTC), fence=owner_fence(repo, a.id))
     assert [job.id for job in repo.list_controller_jobs(CTRL)] == [a.id, b.id]
-    repo.finish_job(a.id, PASSED, datetime.now(UTC))
+    repo.finish_job(a.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, a.id))
     assert [job.id for job in repo.list_controller_jobs(CTRL)] == [b.id]
     assert [job.id for job in repo.list_controller_jobs("controller-2")] == [c.id]
 
@@ -412,10 +421,11 @@ def test_list_controller_jobs(repo: Repository, user: User) -> None:
 def test_finish_job_once_first_outcome_wins(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
     end = datetime(2030, 1, 1, tzinfo=UTC)
-    done = repo.finish_job(job.id, TIMED_OUT, end)
+    done = repo.finish_job(job.id, TIMED_OUT, end, fence=owner_fence(repo, job.id))
     assert (done.status, done.reason, done.success, done.exit_code, done.end_time) == (
         JobStatus.FAILED, "timed out", False, None, end)
-    assert repo.finish_job(job.id, PASSED, datetime.now(UTC)) == done
+    assert repo.finish_job(job.id, PASSED, datetime.now(UTC),
+                           fence=owner_fence(repo, job.id)) == done
     events = repo.list_events(job.id)
     assert [e.kind for e in events].count(EventKind.END) == 1
     assert EndData.model_validate_json(events[-1].text).to_outcome() == TIMED_OUT
@@ -426,30 +436,31 @@ def test_finish_job_refuses_a_non_terminal_outcome(repo: Repository, user: User)
     job = running_job(repo, user)
     with pytest.raises(ValueError):
         repo.finish_job(job.id, JobOutcome(JobStatus.RUNNING, None, False, None),
-                        datetime.now(UTC))
+                        datetime.now(UTC), fence=owner_fence(repo, job.id))
     assert repo.get_job(job.id).status is JobStatus.RUNNING
 
 
 # --------------------------------------------------------------------------- output
 def test_append_output_assigns_seqs_and_stores_cursor(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    new = repo.append_output(job.id, [out("a\n"), out("é\n", OutputStream.STDERR)], 7)
+    new = repo.append_output(job.id, [out("a\n"), out("é\n", OutputStream.STDERR)], 7,
+                             fence=owner_fence(repo, job.id))
     assert [(e.seq, e.kind, e.stream, e.text) for e in new] == [
         (3, EventKind.OUTPUT, OutputStream.STDOUT, "a\n"),
         (4, EventKind.OUTPUT, OutputStream.STDERR, "é\n")]
     after = repo.get_job(job.id)
     assert (after.log_cursor, after.output_bytes) == (7, 2 + 3)  # é is two UTF-8 bytes
-    assert repo.append_output(job.id, [], 9) == []
+    assert repo.append_output(job.id, [], 9, fence=owner_fence(repo, job.id)) == []
     assert repo.get_job(job.id).log_cursor == 9
-    more = repo.append_output(job.id, [out("b\n")], 10)
+    more = repo.append_output(job.id, [out("b\n")], 10, fence=owner_fence(repo, job.id))
     assert [e.seq for e in more] == [5]
     assert repo.last_event_seq(job.id) == 5
 
 
 def test_append_output_to_a_finished_job_is_ignored(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    repo.finish_job(job.id, PASSED, datetime.now(UTC))
-    assert repo.append_output(job.id, [out("late\n")], 3) == []
+    repo.finish_job(job.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, job.id))
+    assert repo.append_output(job.id, [out("late\n")], 3, fence=owner_fence(repo, job.id)) == []
     assert repo.get_job(job.id).log_cursor == 0
     assert repo.last_event_seq(job.id) == 3
 
@@ -457,7 +468,8 @@ def test_append_output_to_a_finished_job_is_ignored(repo: Repository, user: User
 def test_keep_bytes_drops_the_head_and_keeps_one_marker(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
     line = "x" * 99 + "\n"  # 100 bytes
-    repo.append_output(job.id, [out(line)] * 3, 1, keep_bytes=250)  # seqs 3, 4, 5
+    repo.append_output(job.id, [out(line)] * 3, 1, keep_bytes=250,
+                       fence=owner_fence(repo, job.id))  # seqs 3, 4, 5
     capped = repo.get_job(job.id)
     assert (capped.output_bytes, capped.dropped_bytes) == (200, 100)
     events = repo.list_events(job.id)
@@ -468,7 +480,8 @@ def test_keep_bytes_drops_the_head_and_keeps_one_marker(repo: Repository, user: 
     assert f"log limit {format_size(250)}" in marker.text
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
     # more output: the same marker is updated, the oldest kept lines go
-    repo.append_output(job.id, [out("y" * 99 + "\n")] * 2, 2, keep_bytes=250)
+    repo.append_output(job.id, [out("y" * 99 + "\n")] * 2, 2, keep_bytes=250,
+                       fence=owner_fence(repo, job.id))
     events = repo.list_events(job.id)
     assert [e.seq for e in events] == [1, 2, 3, 6, 7]
     assert sum(1 for e in events if e.text.startswith("[ci] …")) == 1
@@ -480,16 +493,18 @@ def test_keep_bytes_drops_the_head_and_keeps_one_marker(repo: Repository, user: 
 
 def test_keep_bytes_uses_utf8_sizes_and_handles_a_huge_chunk(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    repo.append_output(job.id, [out("é" * 50)], 1, keep_bytes=1000)  # 100 bytes
+    repo.append_output(job.id, [out("é" * 50)], 1, keep_bytes=1000,
+                       fence=owner_fence(repo, job.id))  # 100 bytes
     assert repo.get_job(job.id).output_bytes == 100
-    repo.append_output(job.id, [out("z" * 5000)], 2, keep_bytes=1000)
+    repo.append_output(job.id, [out("z" * 5000)], 2, keep_bytes=1000,
+                       fence=owner_fence(repo, job.id))
     after = repo.get_job(job.id)
     assert after.output_bytes <= 1000
     assert after.output_bytes + after.dropped_bytes == 5100
     outputs = [e for e in repo.list_events(job.id) if e.kind is EventKind.OUTPUT]
     assert len(outputs) == 1 and outputs[0].text.startswith("[ci] …")
     assert format_size(5100) in outputs[0].text
-    repo.append_output(job.id, [out("tail\n")], 3, keep_bytes=1000)
+    repo.append_output(job.id, [out("tail\n")], 3, keep_bytes=1000, fence=owner_fence(repo, job.id))
     assert [e.text for e in repo.list_events(job.id)][-1] == "tail\n"
     assert repo.get_job(job.id).output_bytes == 5
 
@@ -497,8 +512,9 @@ def test_keep_bytes_uses_utf8_sizes_and_handles_a_huge_chunk(repo: Repository, u
 def test_skipped_bytes_count_as_dropped_in_the_marker(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
     line = "x" * 99 + "\n"  # 100 bytes
-    repo.append_output(job.id, [out(line)] * 2, 1, keep_bytes=250)
-    repo.append_output(job.id, [out(line)] * 3, 2, keep_bytes=250, skipped_bytes=1000)
+    repo.append_output(job.id, [out(line)] * 2, 1, keep_bytes=250, fence=owner_fence(repo, job.id))
+    repo.append_output(job.id, [out(line)] * 3, 2, keep_bytes=250, skipped_bytes=1000,
+                       fence=owner_fence(repo, job.id))
     after = repo.get_job(job.id)
     assert (after.output_bytes, after.dropped_bytes) == (200, 1300)
     markers = [e for e in repo.list_events(job.id) if e.text.startswith("[ci] …")]
@@ -507,7 +523,8 @@ def test_skipped_bytes_count_as_dropped_in_the_marker(repo: Repository, user: Us
 
 def test_output_under_the_limit_is_untouched(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    repo.append_output(job.id, [out("a" * 100)] * 3, 1, keep_bytes=300)
+    repo.append_output(job.id, [out("a" * 100)] * 3, 1, keep_bytes=300,
+                       fence=owner_fence(repo, job.id))
     after = repo.get_job(job.id)
     assert (after.output_bytes, after.dropped_bytes) == (300, 0)
     assert len(repo.list_events(job.id)) == 5
@@ -516,8 +533,9 @@ def test_output_under_the_limit_is_untouched(repo: Repository, user: User) -> No
 # --------------------------------------------------------------------------- events
 def test_list_events_after_seq_and_limit(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
-    repo.append_output(job.id, [out(f"{i}\n") for i in range(5)], 1)
-    repo.finish_job(job.id, PASSED, datetime.now(UTC))
+    repo.append_output(job.id, [out(f"{i}\n") for i in range(5)], 1,
+                       fence=owner_fence(repo, job.id))
+    repo.finish_job(job.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, job.id))
     seqs = [e.seq for e in repo.list_events(job.id)]
     assert seqs == list(range(1, 9))
     assert [e.seq for e in repo.list_events(job.id, after_seq=5)] == [6, 7, 8]
@@ -549,7 +567,7 @@ def test_poll_events_cursor_semantics(repo: Repository, user: User) -> None:
 def test_poll_events_returns_bounded_batches(repo: Repository, user: User) -> None:
     job = running_job(repo, user)
     _, cursor = repo.poll_events(None)
-    repo.append_output(job.id, [out(".")] * 6000, 1)
+    repo.append_output(job.id, [out(".")] * 6000, 1, fence=owner_fence(repo, job.id))
     seen: list[int] = []
     while True:
         events, cursor = repo.poll_events(cursor)
@@ -609,8 +627,130 @@ def test_list_leases_counts_running_jobs(repo: Repository, user: User) -> None:
     assert repo.list_leases() == [] and repo.get_lease("nobody") is None
     repo.acquire_lease("ctl-b", "host-2", 7, "0.1.0", T0, LEASE_S)
     take(repo, T0)
-    running_job(repo, user)  # claimed by CTRL, which holds no lease
+    running_job(repo, user)  # claimed by CTRL
     repo.create_job(user.id, b"zip", None)
-    assert repo.claim_next_job("ctl-a") is not None
+    assert repo.claim_next_job(hold_lease(repo, "ctl-a")) is not None
     leases = repo.list_leases()
-    assert [(lease.id, lease.running_jobs) for lease in leases] == [("ctl-a", 1), ("ctl-b", 0)]
+    assert [(lease.id, lease.running_jobs) for lease in leases] == [
+        (CTRL, 1), ("ctl-a", 1), ("ctl-b", 0)]
+
+
+# --------------------------------------------------------------------------- fencing, take-over
+def holder(repo: Repository, controller_id: str, when: datetime) -> ControllerLease:
+    return repo.acquire_lease(controller_id, "host-" + controller_id, 100, "0.1.0", when,
+                              LEASE_S)
+
+
+def test_every_job_write_needs_the_owner_and_its_current_token(repo: Repository,
+                                                               user: User) -> None:
+    job = repo.create_job(user.id, b"zip", None)
+    a, b = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    assert repo.claim_next_job(a.fence) is not None
+    writes: dict[str, Callable[[Fence], object]] = {
+        "mark_running": lambda f: repo.mark_running(job.id, "c", T0, fence=f),
+        "append_output": lambda f: repo.append_output(job.id, [out("x\n")], 1, fence=f),
+        "release_job": lambda f: repo.release_job(job.id, fence=f),
+        "finish_job": lambda f: repo.finish_job(job.id, PASSED, T0, fence=f),
+    }
+    for write in writes.values():  # another controller's fence: not its job
+        with pytest.raises(LeaseLost):
+            write(b.fence)
+    # The id is taken again after its lease expired (a restart): the old token is dead.
+    again = holder(repo, "ctl-a", T0 + timedelta(seconds=LEASE_S + 1))
+    for write in writes.values():
+        with pytest.raises(LeaseLost, match="'ctl-a'"):
+            write(a.fence)
+    with pytest.raises(LeaseLost):
+        repo.claim_next_job(a.fence)
+    assert [e.kind for e in repo.list_events(job.id)] == [EventKind.STATUS]  # nothing written
+    unchanged = repo.get_job(job.id)
+    assert (unchanged.status, unchanged.controller_id) == (JobStatus.QUEUED, "ctl-a")
+    # The new holder keeps the id's jobs and writes for them.
+    assert repo.mark_running(job.id, "c", T0, fence=again.fence).status is JobStatus.RUNNING
+    assert repo.append_output(job.id, [out("x\n")], 1, fence=again.fence)
+    assert repo.finish_job(job.id, PASSED, T0, fence=again.fence).status is JobStatus.COMPLETED
+
+
+def test_record_engine_is_fenced_and_reset_by_a_new_holder(repo: Repository) -> None:
+    first = holder(repo, "ctl-a", T0)
+    repo.record_engine(first.fence, "engine-1")
+    lease = repo.get_lease("ctl-a")
+    assert lease is not None and lease.engine_id == "engine-1"
+    assert [item.engine_id for item in repo.list_leases()] == ["engine-1"]
+    second = holder(repo, "ctl-a", T0 + timedelta(seconds=LEASE_S + 1))
+    assert second.engine_id == ""  # the new holder may run on another engine
+    with pytest.raises(LeaseLost):
+        repo.record_engine(first.fence, "engine-1")
+
+
+def claimed_jobs(repo: Repository, user: User, fence: Fence, count: int) -> list[Job]:
+    jobs = [repo.create_job(user.id, b"zip", None) for _ in range(count)]
+    for _ in jobs:
+        assert repo.claim_next_job(fence) is not None
+    return jobs
+
+
+def test_take_over_with_adopt_moves_every_job_to_the_taker(repo: Repository,
+                                                           user: User) -> None:
+    gone, taker = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    running, claimed = claimed_jobs(repo, user, gone.fence, 2)
+    repo.mark_running(running.id, "c", T0, fence=gone.fence)
+    later = T0 + timedelta(seconds=LEASE_S)
+    assert repo.renew_lease("ctl-b", taker.token, later)
+    seen = repo.get_lease("ctl-a")
+    assert seen is not None
+    done = repo.take_over(seen, taker.fence, True, later)
+    assert done == TakeOver("ctl-a", requeued=(), adopted=(running.id, claimed.id), failed=(),
+                            cancelled=())
+    assert [j.id for j in repo.list_controller_jobs("ctl-b")] == [running.id, claimed.id]
+    assert repo.get_job(running.id).status is JobStatus.RUNNING
+    # The gone holder's late writes and heartbeats are refused; the taker's go through.
+    with pytest.raises(LeaseLost):
+        repo.append_output(running.id, [out("late\n")], 1, fence=gone.fence)
+    assert not repo.renew_lease("ctl-a", gone.token, later)
+    assert repo.append_output(running.id, [out("x\n")], 1, fence=taker.fence)
+
+
+def test_take_over_without_adopt_requeues_cancels_and_fails(repo: Repository,
+                                                            user: User) -> None:
+    gone, taker = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    running, claimed, cancel_asked = claimed_jobs(repo, user, gone.fence, 3)
+    repo.mark_running(running.id, "c", T0, fence=gone.fence)
+    repo.request_cancel(cancel_asked.id, user.id)
+    later = T0 + timedelta(seconds=LEASE_S + 5)
+    repo.renew_lease("ctl-b", taker.token, later)
+    seen = repo.get_lease("ctl-a")
+    assert seen is not None
+    done = repo.take_over(seen, taker.fence, False, later)
+    assert done == TakeOver("ctl-a", requeued=(claimed.id,), adopted=(), failed=(running.id,),
+                            cancelled=(cancel_asked.id,))
+    lost = repo.get_job(running.id)
+    assert (lost.status, lost.success, lost.exit_code) == (JobStatus.FAILED, False, None)
+    assert lost.reason == ("controller lost: controller 'ctl-a' on host-ctl-a was last seen "
+                           "2026-11-30 12:00:00 UTC")
+    assert repo.list_events(running.id)[-1].kind is EventKind.END
+    assert repo.get_job(cancel_asked.id).status is JobStatus.CANCELLED
+    requeued = repo.get_job(claimed.id)
+    assert (requeued.status, requeued.controller_id) == (JobStatus.QUEUED, None)
+    assert repo.count_queued_jobs() == 1
+    assert repo.claim_next_job(taker.fence).id == claimed.id  # type: ignore[union-attr]
+    assert repo.list_controller_jobs("ctl-a") == []
+
+
+def test_take_over_only_of_an_expired_lease_as_it_was_seen(repo: Repository,
+                                                           user: User) -> None:
+    gone, taker = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    claimed_jobs(repo, user, gone.fence, 1)
+    fresh = T0 + timedelta(seconds=LEASE_S - 1)
+    assert repo.take_over(gone, taker.fence, True, fresh) is None  # not expired
+    assert repo.renew_lease("ctl-a", gone.token, fresh)  # it spoke up again
+    late = T0 + timedelta(seconds=LEASE_S + 1)
+    assert repo.take_over(gone, taker.fence, True, late) is None
+    restarted = holder(repo, "ctl-a", fresh + timedelta(seconds=LEASE_S + 1))
+    much_later = fresh + timedelta(seconds=3 * LEASE_S)
+    assert repo.take_over(gone, taker.fence, True, much_later) is None  # old token
+    with pytest.raises(LeaseLost):  # the taker's own lease must hold too
+        repo.take_over(restarted, gone.fence, True, much_later)
+    first = repo.take_over(restarted, taker.fence, True, much_later)
+    assert first is not None and len(first.adopted) == 1
+    assert repo.take_over(restarted, taker.fence, True, much_later) is None  # once

@@ -16,6 +16,7 @@ import pytest
 
 from ci_common.models import JobOutcome, JobStatus, OutputChunk, OutputStream, utcnow
 from ci_server.events import OPENING_COMMENT, ResumePoint, Since, resume_point, start_after
+from tests.leases import hold_lease, owner_fence
 from tests.unit.test_server_support import (
     Server,
     SseEvent,
@@ -68,9 +69,10 @@ def test_default_is_since_start(server: Server) -> None:
 
 def test_stderr_and_exact_text_survive(server: Server) -> None:
     job_id = server.submit()
-    server.repo.mark_running(job_id, "c", utcnow())
+    server.repo.mark_running(job_id, "c", utcnow(), fence=owner_fence(server.repo, job_id))
     text = "unicode ✓ and\ttabs\r\nand a line without newline"
-    server.repo.append_output(job_id, [OutputChunk(OutputStream.STDERR, text)], 1)
+    server.repo.append_output(job_id, [OutputChunk(OutputStream.STDERR, text)], 1,
+                              fence=owner_fence(server.repo, job_id))
     server.finish(job_id, exit_code=2)
     events = read_stream(server.client, url(job_id), server.alice.headers)
     assert events[2].json == {"stream": "stderr", "text": text}
@@ -229,10 +231,10 @@ def test_since_now_skips_history_and_gets_what_follows(server: Server) -> None:
 def test_queued_job_streams_running_then_output(server: Server) -> None:
     job_id = server.submit()
     with live_stream(server, job_id) as stream:
-        server.repo.claim_next_job("controller-1")
+        server.repo.claim_next_job(hold_lease(server.repo, "controller-1"))
         server.run(job_id, "hello\n")
         outcome = JobOutcome(JobStatus.FAILED, None, False, "timed out")
-        server.repo.finish_job(job_id, outcome, utcnow())
+        server.repo.finish_job(job_id, outcome, utcnow(), fence=owner_fence(server.repo, job_id))
         events = until_end(stream)
     assert [e.event for e in events] == ["status", "status", "output", "end"]
     assert events[-1].json == {"status": "failed", "exit_code": None, "success": False,

@@ -20,6 +20,7 @@ from ci_common.settings import Settings
 from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
 from ci_server.upload import MULTIPART_OVERHEAD_BYTES, parse_timeout
+from tests.leases import hold_lease
 from tests.unit.test_server_support import (
     Server,
     add_account,
@@ -248,7 +249,7 @@ def test_cancel_a_queued_job_ends_it(server: Server) -> None:
 
 def test_cancel_a_running_job_flags_it(server: Server) -> None:
     job_id = server.submit()
-    server.repo.claim_next_job("controller-1")
+    server.repo.claim_next_job(hold_lease(server.repo, "controller-1"))
     server.run(job_id, "working\n")
     response = server.client.post(f"/jobs/{job_id}/cancel", headers=server.alice.headers)
     assert response.status_code == 202

@@ -21,6 +21,7 @@ from ci_common.models import (
 from ci_persistence.memory import InMemoryRepository
 from ci_server.events import ResumePoint, Since, stream_events
 from ci_server.relay import EventRelay
+from tests.leases import owner_fence
 
 pytestmark = pytest.mark.timeout(30)
 T = TypeVar("T")
@@ -48,18 +49,20 @@ class CountingRepository(InMemoryRepository):
 def new_job(repo: InMemoryRepository) -> str:
     user = repo.create_user("u", f"u{len(repo.list_users())}@example.com")
     job = repo.create_job(user.id, b"zip", None)
-    repo.mark_running(job.id, "c", utcnow())
+    repo.mark_running(job.id, "c", utcnow(), fence=owner_fence(repo, job.id))
     return job.id
 
 
 def emit(repo: InMemoryRepository, job_id: str, *texts: str) -> None:
     for text in texts:
         cursor = repo.get_job(job_id).log_cursor + 1
-        repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, text)], cursor)
+        repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, text)], cursor,
+                           fence=owner_fence(repo, job_id))
 
 
 def finish(repo: InMemoryRepository, job_id: str) -> None:
-    repo.finish_job(job_id, JobOutcome(JobStatus.COMPLETED, 0, True, None), utcnow())
+    repo.finish_job(job_id, JobOutcome(JobStatus.COMPLETED, 0, True, None), utcnow(),
+                    fence=owner_fence(repo, job_id))
 
 
 def run(main: Callable[[], Awaitable[T]]) -> T:

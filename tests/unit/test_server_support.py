@@ -18,6 +18,7 @@ from ci_common.models import JobOutcome, JobStatus, OutputChunk, OutputStream, U
 from ci_common.settings import Settings
 from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
+from tests.leases import owner_fence
 
 BASE_SETTINGS = Settings(event_poll_interval_s=0.002, sse_keepalive_s=5.0,
                          auth_failures_per_minute=1000)
@@ -75,18 +76,20 @@ class Server:
 
     def run(self, job_id: str, *texts: str) -> None:
         """Mark the job running and append each text as one stdout chunk."""
-        self.repo.mark_running(job_id, "container-1", utcnow())
+        self.repo.mark_running(job_id, "container-1", utcnow(),
+                               fence=owner_fence(self.repo, job_id))
         self.output(job_id, *texts)
 
     def output(self, job_id: str, *texts: str) -> None:
         for text in texts:
             cursor = self.repo.get_job(job_id).log_cursor + 1
-            self.repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, text)], cursor)
+            self.repo.append_output(job_id, [OutputChunk(OutputStream.STDOUT, text)], cursor,
+                                    fence=owner_fence(self.repo, job_id))
 
     def finish(self, job_id: str, exit_code: int = 0) -> None:
         outcome = JobOutcome(status=JobStatus.COMPLETED, exit_code=exit_code,
                              success=exit_code == 0, reason=None)
-        self.repo.finish_job(job_id, outcome, utcnow())
+        self.repo.finish_job(job_id, outcome, utcnow(), fence=owner_fence(self.repo, job_id))
 
 
 def make_server(**overrides: Any) -> Iterator[Server]:

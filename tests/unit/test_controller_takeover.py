@@ -1,0 +1,229 @@
+"""Take-over of a gone controller's jobs, and fencing of a controller that lost its lease.
+
+The decision (`plan_take_overs`) is checked on its own; each branch of a take-over is then
+played by a real Controller against the fake runtime and the in-memory repository.
+"""
+
+# Fixtures come from test_controller_reconciler; pytest passes them in as same-named parameters.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ci_common.errors import LeaseLost
+from ci_common.models import (
+    ControllerLease,
+    Fence,
+    Job,
+    JobStatus,
+    OutputChunk,
+    OutputStream,
+    utcnow,
+)
+from ci_controller.fake_runtime import FakeRuntime, FakeScript, runner_frames
+from ci_controller.reconciler import Controller
+from ci_controller.runtime import ContainerStatus
+from ci_controller.spec import job_container_spec
+from ci_controller.takeover import plan_take_overs
+from tests.unit.test_controller_reconciler import (
+    CountingRepository,
+    controllers,  # noqa: F401
+    expected_lines,
+    finish,
+    make_controller,
+    numbered,
+    repo,  # noqa: F401
+    runtime,  # noqa: F401
+    settings,
+    submit,
+    text_of,
+    wait_until,
+)
+
+LEASE_S = 60.0  # Settings' default CI_CONTROLLER_LEASE
+NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- the decision
+def lease(controller_id: str, age_s: float, engine_id: str = "", jobs: int = 1,
+          stopped: bool = False) -> ControllerLease:
+    when = NOW - timedelta(seconds=age_s)
+    return ControllerLease(id=controller_id, host="h", pid=1, version="v", token="t",
+                           started_at=when, heartbeat_at=when, stopped=stopped,
+                           running_jobs=jobs, engine_id=engine_id, lease_s=LEASE_S)
+
+
+def plans(*leases: ControllerLease, me: str = "me", engine: str = "e1") -> list[tuple[str, bool]]:
+    return [(plan.gone.id, plan.adopt)
+            for plan in plan_take_overs(list(leases), me, engine, NOW)]
+
+
+def test_only_expired_controllers_with_jobs_are_taken_over() -> None:
+    assert plans(lease("me", 999, "e1"), lease("fresh", 59, "e1"), lease("idle", 999, jobs=0),
+                 lease("gone", 60, "e1")) == [("gone", True)]
+
+
+def test_a_gone_controller_on_my_engine_is_adopted_even_if_it_stopped_gracefully() -> None:
+    assert plans(lease("quit", 120, "e1", stopped=True)) == [("quit", True)]
+
+
+def test_a_gone_controller_elsewhere_is_left_to_a_live_one_on_its_engine() -> None:
+    assert plans(lease("gone", 120, "e2"), lease("other", 1, "e2")) == []
+    # ...unless that one is gone too (or stopped): then nobody can see its containers.
+    assert plans(lease("gone", 120, "e2"), lease("other", 1, "e2", jobs=0, stopped=True)) == [
+        ("gone", False)]
+    assert plans(lease("gone", 120, "")) == [("gone", False)]  # never reached an engine
+
+
+# --------------------------------------------------------------------------- with a controller
+def gone_controller(repo: CountingRepository, controller_id: str = "ctl-gone",
+                    engine_id: str = "fake-engine") -> Fence:
+    """A controller that took its lease 2 leases ago and has been silent since."""
+    then = utcnow() - timedelta(seconds=2 * LEASE_S)
+    held = repo.acquire_lease(controller_id, "host-gone", 4242, "0.1.0", then, LEASE_S)
+    repo.record_engine(held.fence, engine_id)
+    return held.fence
+
+
+def running_under(repo: CountingRepository, runtime: FakeRuntime, fence: Fence,
+                  stored_through: int) -> tuple[Job, str]:
+    """A job the gone controller claimed, started and stored frames 1..stored_through of."""
+    job = submit(repo)
+    assert repo.claim_next_job(fence) is not None
+    container_id = runtime.create(job_container_spec(settings(controller_id=fence.controller_id),
+                                                     job.id, repo.installation_id()))
+    runtime.start(container_id)
+    repo.mark_running(job.id, container_id, utcnow(), fence=fence)
+    if stored_through:
+        repo.append_output(job.id, [OutputChunk(OutputStream.STDOUT,
+                                                expected_lines(1, stored_through))],
+                           stored_through, fence=fence)
+    return job, container_id
+
+
+def test_same_engine_running_job_is_adopted_with_output_exactly_once(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    runtime.default = FakeScript(steps=runner_frames(*numbered(1, 6), ("phase", "tests exited 0")))
+    gone = gone_controller(repo)
+    job, container_id = running_under(repo, runtime, gone, stored_through=3)
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()  # takes the jobs over
+    assert repo.get_job(job.id).controller_id == "ctl-1"
+    controller.run_once()  # adopts the container as after a restart
+    done = finish(controller, repo, job.id)
+    assert (done.status, done.success, done.container_id) == (
+        JobStatus.COMPLETED, True, container_id)
+    assert text_of(repo, job.id) == expected_lines(1, 6)
+    with pytest.raises(LeaseLost):  # the gone controller, back, may write nothing
+        repo.append_output(job.id, [OutputChunk(OutputStream.STDOUT, "late\n")], 7, fence=gone)
+
+
+def test_same_engine_claimed_job_is_started_by_the_taker(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    gone = gone_controller(repo)
+    job = submit(repo)
+    assert repo.claim_next_job(gone) is not None
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()
+    controller.run_once()
+    done = finish(controller, repo, job.id)
+    assert (done.status, done.success, done.controller_id) == (JobStatus.COMPLETED, True, "ctl-1")
+
+
+def test_elsewhere_running_job_fails_as_controller_lost_and_claimed_job_is_requeued(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    gone = gone_controller(repo, engine_id="engine-of-a-dead-host")
+    lost = submit(repo)
+    assert repo.claim_next_job(gone) is not None
+    repo.mark_running(lost.id, "container-on-the-dead-host", utcnow(), fence=gone)
+    waiting = submit(repo)
+    assert repo.claim_next_job(gone) is not None
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()  # takes over: the waiting job is queued again and claimed at once
+    failed = repo.get_job(lost.id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.reason is not None and failed.reason.startswith(
+        "controller lost: controller 'ctl-gone' on host-gone was last seen ")
+    done = finish(controller, repo, waiting.id)
+    assert (done.status, done.success, done.controller_id) == (JobStatus.COMPLETED, True, "ctl-1")
+
+
+def test_a_gone_controllers_jobs_are_left_to_a_live_controller_on_its_engine(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    gone = gone_controller(repo, engine_id="engine-2")
+    neighbour = repo.acquire_lease("ctl-neighbour", "host-2", 1, "0.1.0", utcnow(), LEASE_S)
+    repo.record_engine(neighbour.fence, "engine-2")
+    job = submit(repo)
+    assert repo.claim_next_job(gone) is not None
+    repo.mark_running(job.id, "container-on-engine-2", utcnow(), fence=gone)
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()
+    assert repo.get_job(job.id).controller_id == "ctl-gone"  # the neighbour's to adopt
+    assert repo.get_job(job.id).status is JobStatus.RUNNING
+
+
+def test_a_controller_whose_jobs_were_taken_over_stops_and_leaves_the_container(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    """The zombie: stalled past its lease, its job taken over; it must write nothing more."""
+    more = threading.Event()
+    runtime.default = FakeScript(steps=[
+        *runner_frames(*numbered(1, 2)), more,
+        *runner_frames(*numbered(3, 4), ("phase", "tests exited 0"), start=3)])
+    stalled = make_controller(repo, runtime, controllers, controller_id="ctl-stalled")
+    job = submit(repo)
+    stalled.run_once()
+    wait_until(lambda: text_of(repo, job.id) == expected_lines(1, 2))
+    # Its lease expires (as seen two leases from now) and ctl-1 takes the job over.
+    taker = make_controller(repo, runtime, controllers)
+    seen = repo.get_lease("ctl-stalled")
+    assert seen is not None
+    later = utcnow() + timedelta(seconds=2 * LEASE_S)
+    taken = repo.take_over(seen, taker.fence, True, later)
+    assert taken is not None and taken.adopted == (job.id,)
+    container = runtime.by_job(job.id)
+    assert container is not None
+    more.set()  # the stalled controller's next write is refused: it stops following
+    wait_until(lambda: stalled.lease_lost is not None)
+    assert stalled.join(5)
+    assert container.id not in runtime.removed and container.signals == []
+    taker.run_once()  # adopts the same container; the rest of the output, once
+    done = finish(taker, repo, job.id)
+    assert (done.status, done.success) == (JobStatus.COMPLETED, True)
+    assert text_of(repo, job.id) == expected_lines(1, 4)
+    stalled.run_once()  # it claims nothing and touches nothing any more
+    assert repo.list_controller_jobs("ctl-stalled") == []
+
+
+def test_run_forever_raises_lease_lost_when_the_lease_is_gone(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    controller = make_controller(repo, runtime, controllers)
+    repo.acquire_lease("ctl-1", "elsewhere", 1, "0.1.0", utcnow() + timedelta(seconds=LEASE_S),
+                       LEASE_S)  # the id was taken by another controller
+    submit(repo)
+    stop = threading.Event()
+    with pytest.raises(LeaseLost, match="'ctl-1'"):
+        controller.run_forever(stop)
+    assert runtime.containers == {}
+
+
+def test_the_sweep_spares_a_container_whose_job_another_controller_now_owns(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    """A controller back under its old id finds its old container: not its job any more."""
+    hold = threading.Event()
+    runtime.default = FakeScript(steps=[hold, *runner_frames(("phase", "tests exited 0"))])
+    old = gone_controller(repo, controller_id="ctl-1")
+    job, container_id = running_under(repo, runtime, old, stored_through=0)
+    taker = make_controller(repo, runtime, controllers, controller_id="ctl-taker")
+    taker.run_once()
+    assert repo.get_job(job.id).controller_id == "ctl-taker"
+    back = make_controller(repo, runtime, controllers)  # ctl-1 again, with a new lease
+    back.run_once()
+    assert container_id not in runtime.removed
+    assert runtime.containers[container_id].status is ContainerStatus.RUNNING
+    taker.run_once()
+    hold.set()
+    assert finish(taker, repo, job.id).status is JobStatus.COMPLETED
