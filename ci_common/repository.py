@@ -181,7 +181,9 @@ class Repository(Protocol):
         """Take the lease on a controller id, with a new token; atomic.
 
         The id's claimed and running jobs stay its own: the new token fences them from now on,
-        so a previous holder that is somehow still running can no longer write for them.
+        so a previous holder that is somehow still running can no longer write for them. The
+        recorded engine id is kept until the new holder records its own: the id's containers
+        are on that engine should the new holder die before reaching one.
 
         The new lease lasts lease_s without a heartbeat (stored: everyone judges its expiry by
         it). Granted when nobody holds the id, when the holder stopped gracefully, when its

@@ -313,29 +313,25 @@ class Controller:
             job_id = container.labels.get(LABEL_JOB_ID, "")
             with self._lock:
                 followed = job_id in self._supervisors
-            if job_id in live_job_ids or followed or not self._finished_and_ours(container):
+            if job_id in live_job_ids or followed or not self._job_is_over(job_id):
                 continue
             log.info("removing container %s of finished job %s", container.id[:12], job_id)
             self.runtime.remove(container.id)
             removed = True
         return removed
 
-    def _finished_and_ours(self, container: ContainerState) -> bool:
-        """Whether a container nobody here follows is ours to remove: its job is over.
+    def _job_is_over(self, job_id: str) -> bool:
+        """Whether a container of this installation that nobody here follows may be removed.
 
-        Ours: it carries our controller id, or its job was ours at the end (we took it over
-        from a controller that is gone). A job still running belongs to whoever owns it now
-        (a take-over moves jobs, labels cannot follow), so its container is left alone.
+        Yes once its job is finished (or unknown), whichever controller made it: that also
+        clears containers of jobs failed as `controller lost` once a controller runs on their
+        engine again. A job not finished belongs to whoever owns it now (a take-over moves jobs;
+        labels cannot follow), so its container is left alone.
         """
         try:
-            job: Job | None = self.repository.get_job(container.labels.get(LABEL_JOB_ID, ""))
+            return self.repository.get_job(job_id).status.is_terminal
         except NotFound:
-            job = None
-        if job is not None and not job.status.is_terminal:
-            return False
-        me = self.settings.controller_id
-        return (container.labels.get(LABEL_CONTROLLER_ID) == me
-                or (job is not None and job.controller_id == me))
+            return True
 
     def _spawn(self, job: Job, container_id: str | None = None) -> None:
         supervisor = JobSupervisor(self.settings, self.repository, self.runtime, job,

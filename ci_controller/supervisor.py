@@ -36,6 +36,7 @@ from ci_controller.outcome import (
 from ci_controller.runtime import ContainerRuntime, ContainerStatus
 from ci_controller.spec import (
     ARCHIVE_PATH,
+    LABEL_CONTROLLER_ID,
     LABEL_INSTALLATION_ID,
     LABEL_JOB_ID,
     RUNNER_PATH,
@@ -239,8 +240,14 @@ class JobSupervisor:
         self._follow(container_id, stored_through=0)
 
     def _own_labels(self, job: Job) -> dict[str, str]:
-        """Labels of this job's containers in this installation (never another's)."""
-        return {LABEL_JOB_ID: job.id, LABEL_INSTALLATION_ID: self._installation_id}
+        """Labels of this job's containers made by this controller id, in this installation.
+
+        Only those are leftovers to remove before a fresh start. Should this controller have
+        stalled past its lease, the job may already run in a container another controller made
+        after taking it over: that one carries the other's id and is never touched here.
+        """
+        return {LABEL_JOB_ID: job.id, LABEL_INSTALLATION_ID: self._installation_id,
+                LABEL_CONTROLLER_ID: self._fence.controller_id}
 
     def _create(self, job: Job) -> str:
         """Create the job's container, replacing one a killed controller's late request made."""

@@ -31,13 +31,17 @@ def plan_take_overs(leases: list[ControllerLease], me: str, my_engine: str,
     """The take-overs controller `me`, running on engine `my_engine`, should attempt now."""
     live_engines = {lease.engine_id for lease in leases
                     if lease.engine_id and lease.is_alive(now)}
+    # A live controller that has not reached its engine yet may be on the gone one's engine:
+    # failing jobs it could adopt would be wrong, so only same-engine adoptions go ahead.
+    engine_unknown = any(lease.is_alive(now) and not lease.engine_id and lease.id != me
+                         for lease in leases)
     plans = []
     for lease in leases:
         if lease.id == me or lease.running_jobs == 0 or not lease.is_expired(now):
             continue
         if lease.engine_id and lease.engine_id == my_engine:
             plans.append(TakeOverPlan(lease, adopt=True))
-        elif lease.engine_id in live_engines:
+        elif lease.engine_id in live_engines or engine_unknown:
             continue  # a live controller on its engine sees its containers: that one adopts
         else:
             plans.append(TakeOverPlan(lease, adopt=False))

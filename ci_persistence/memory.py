@@ -394,11 +394,13 @@ class InMemoryRepository:
                       replace_token: str | None = None) -> ControllerLease:
         """Take the lease with a new token unless a live controller holds it."""
         with self._lock:
-            check_lease_free(self._lease(controller_id), now, replace_token)
+            previous = self._lease(controller_id)
+            check_lease_free(previous, now, replace_token)
             now = as_utc(now)
             self._leases[controller_id] = ControllerLease(
                 id=controller_id, host=host, pid=pid, version=version, token=uuid.uuid4().hex,
-                started_at=now, heartbeat_at=now, stopped=False, running_jobs=0, lease_s=lease_s)
+                started_at=now, heartbeat_at=now, stopped=False, running_jobs=0, lease_s=lease_s,
+                engine_id="" if previous is None else previous.engine_id)
             self._changed()
             lease = self._lease(controller_id)
             assert lease is not None

@@ -371,7 +371,7 @@ class SqliteRepository:
                 "ON CONFLICT (id) DO "
                 "UPDATE SET host = excluded.host, pid = excluded.pid, version = excluded.version, "
                 "token = excluded.token, started_at = excluded.started_at, "
-                "heartbeat_at = excluded.heartbeat_at, stopped = 0, engine_id = '', "
+                "heartbeat_at = excluded.heartbeat_at, stopped = 0, "
                 "lease_s = excluded.lease_s",
                 (controller_id, host, pid, version, uuid.uuid4().hex, to_text(now), to_text(now),
                  lease_s))

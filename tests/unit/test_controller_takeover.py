@@ -28,6 +28,7 @@ from ci_controller.fake_runtime import FakeRuntime, FakeScript, runner_frames
 from ci_controller.reconciler import Controller
 from ci_controller.runtime import ContainerStatus
 from ci_controller.spec import job_container_spec
+from ci_controller.supervisor import JobSupervisor
 from ci_controller.takeover import plan_take_overs
 from tests.unit.test_controller_reconciler import (
     CountingRepository,
@@ -227,3 +228,55 @@ def test_the_sweep_spares_a_container_whose_job_another_controller_now_owns(
     taker.run_once()
     hold.set()
     assert finish(taker, repo, job.id).status is JobStatus.COMPLETED
+
+
+def test_failing_jobs_waits_while_a_live_controller_has_not_reached_its_engine() -> None:
+    starting = lease("starting", 1, "")  # alive, engine not known yet: it may be on e2
+    assert plans(lease("gone", 120, "e2"), starting) == []
+    assert plans(lease("gone", 120, "e1"), starting) == [("gone", True)]  # mine: adopt
+
+
+def test_a_stalled_supervisor_never_removes_the_container_of_the_new_owner(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    """A claims, stalls past its lease; B takes over and starts the job; A's thread resumes."""
+    hold = threading.Event()
+    runtime.default = FakeScript(steps=[hold, *runner_frames(("phase", "tests exited 0"))])
+    stalled = repo.acquire_lease("ctl-a", "host-a", 1, "0.1.0", utcnow(), LEASE_S)
+    job = submit(repo)
+    claimed = repo.claim_next_job(stalled.fence)
+    assert claimed is not None
+    taker = make_controller(repo, runtime, controllers)
+    seen = repo.get_lease("ctl-a")
+    assert seen is not None
+    assert repo.take_over(seen, taker.fence, True, utcnow() + timedelta(seconds=2 * LEASE_S))
+    taker.run_once()  # starts the job afresh: claimed, never started
+    wait_until(lambda: repo.get_job(job.id).status is JobStatus.RUNNING)
+    running = runtime.by_job(job.id)
+    assert running is not None
+    lost: list[LeaseLost] = []
+    resumed = JobSupervisor(settings(controller_id="ctl-a"), repo, runtime, claimed,
+                            installation_id=repo.installation_id(), fence=stalled.fence,
+                            on_lease_lost=lost.append)
+    resumed.start()
+    assert resumed.join(5) and len(lost) == 1
+    assert running.id not in runtime.removed and running.signals == []
+    hold.set()
+    done = finish(taker, repo, job.id)
+    assert (done.status, done.success, done.container_id) == (JobStatus.COMPLETED, True,
+                                                              running.id)
+
+
+def test_the_sweep_removes_a_finished_jobs_container_whoever_made_it(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    """A job failed as `controller lost` leaves its container on its engine: the next
+    controller there, whatever its id, removes it."""
+    gone = gone_controller(repo, engine_id="engine-of-a-host-that-came-back")
+    job, container_id = running_under(repo, runtime, gone, stored_through=0)
+    elsewhere = make_controller(repo, runtime, controllers, controller_id="ctl-elsewhere")
+    runtime.identity = "another-engine"
+    elsewhere.run_once()  # fails it: its engine is not this one
+    assert repo.get_job(job.id).status is JobStatus.FAILED
+    runtime.identity = "engine-of-a-host-that-came-back"
+    newcomer = make_controller(repo, runtime, controllers)  # ctl-1, on the job's engine
+    newcomer.run_once()
+    assert container_id in runtime.removed
