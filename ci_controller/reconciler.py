@@ -313,25 +313,27 @@ class Controller:
             job_id = container.labels.get(LABEL_JOB_ID, "")
             with self._lock:
                 followed = job_id in self._supervisors
-            if job_id in live_job_ids or followed or not self._job_is_over(job_id):
+            if job_id in live_job_ids or followed or not self._job_is_over(container):
                 continue
             log.info("removing container %s of finished job %s", container.id[:12], job_id)
             self.runtime.remove(container.id)
             removed = True
         return removed
 
-    def _job_is_over(self, job_id: str) -> bool:
+    def _job_is_over(self, container: ContainerState) -> bool:
         """Whether a container of this installation that nobody here follows may be removed.
 
-        Yes once its job is finished (or unknown), whichever controller made it: that also
-        clears containers of jobs failed as `controller lost` once a controller runs on their
-        engine again. A job not finished belongs to whoever owns it now (a take-over moves jobs;
-        labels cannot follow), so its container is left alone.
+        Yes once its job is finished, whichever controller made it: that also clears
+        containers of jobs failed as `controller lost` once a controller runs on their engine
+        again. A job not finished belongs to whoever owns it now (a take-over moves jobs;
+        labels cannot follow), so its container is left alone. A job this database does not
+        know is judged by the label alone: only our own such containers are removed.
         """
         try:
-            return self.repository.get_job(job_id).status.is_terminal
+            job = self.repository.get_job(container.labels.get(LABEL_JOB_ID, ""))
         except NotFound:
-            return True
+            return container.labels.get(LABEL_CONTROLLER_ID) == self.settings.controller_id
+        return job.status.is_terminal
 
     def _spawn(self, job: Job, container_id: str | None = None) -> None:
         supervisor = JobSupervisor(self.settings, self.repository, self.runtime, job,
