@@ -219,6 +219,62 @@ def list_jobs(ctx: click.Context, as_json: bool, limit: int) -> None:
         _status(f"Showing the newest {len(page.jobs)} of {page.total} jobs (see --limit).")
 
 
+@cli.command("cancel")
+@click.argument("job_id")
+@connection_options
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a job and wait until it has stopped; a finished job is left as it is."""
+    state = ctx.ensure_object(CLIState)
+    with state.client(state.config()) as client:
+        job = client.cancel(job_id)
+        if not job.status.is_terminal:
+            _status(f"Cancelling job {job_id}…")
+            try:
+                _wait_for_end(client, job_id)
+            except KeyboardInterrupt:
+                _status(f"Stopped waiting; the cancel of job {job_id} goes on.")
+                ctx.exit(EXIT_INTERRUPTED)
+            job = client.get_job(job_id)
+    _status(render.cancel_line(job_id, job))
+
+
+@cli.command("logs")
+@click.argument("job_id")
+@click.option("--tail", type=click.IntRange(min=1, max=1_000_000), metavar="N",
+              help="Only the last N lines.")
+@connection_options
+@click.pass_context
+def logs(ctx: click.Context, job_id: str, tail: int | None) -> None:
+    """Print a job's output stored so far and return (`ci wait` follows it)."""
+    state = ctx.ensure_object(CLIState)
+    with state.client(state.config()) as client:
+        text = client.get_log(job_id, tail)
+    _write_output(text)
+
+
+@cli.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as a JSON object.")
+@connection_options
+@click.pass_context
+def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Show one job's details: status, result, reason and times."""
+    state = ctx.ensure_object(CLIState)
+    with state.client(state.config()) as client:
+        job = client.get_job(job_id)
+    click.echo(job.model_dump_json(indent=2) if as_json else render.job_details(job))
+
+
+def _wait_for_end(client: CIClient, job_id: str) -> None:
+    """Block until the job's END event (its output is not shown)."""
+    with contextlib.closing(client.stream_events(job_id, "now")) as events:
+        for event in events:
+            if isinstance(event, EndEvent):
+                return
+    raise CIError(f"the event stream of job {job_id} ended without the job's result")
+
+
 def _follow(client: CIClient, job_id: str, since: Since) -> int:
     """Print a job's events until it ends; the exit code for its result."""
     at_line_start = True

@@ -138,6 +138,12 @@ class CIClient:
         response = self._request("POST", f"/jobs/{job_id}/cancel", job_id=job_id)
         return _parse(JobView, response)
 
+    def get_log(self, job_id: str, tail: int | None = None) -> str:
+        """The job's output stored so far, as text (the last `tail` lines with tail)."""
+        params = {} if tail is None else {"tail": tail}
+        response = self._request("GET", f"/jobs/{job_id}/log", job_id=job_id, params=params)
+        return response.text
+
     def _request(
         self, method: str, path: str, *, idempotent: bool = True, job_id: str | None = None,
         **kwargs: Any,

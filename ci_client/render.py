@@ -79,6 +79,45 @@ def already_finished_line(job: JobView) -> str:
     return f"Job already failed: {job.reason or 'no reason given'}"
 
 
+def job_outcome_line(job: JobView) -> str:
+    """A job's result in the words of `result_line`, or where it stands while not finished."""
+    if not job.status.is_terminal:
+        return f"{PENDING_MARK} {job.status.value}"
+    return result_line(EndData(status=job.status, exit_code=job.exit_code,
+                               success=bool(job.success), reason=job.reason))
+
+
+def duration(job: JobView) -> str:
+    """`12.3 s` from start to end (or `N/A` while it has not both started and ended)."""
+    if job.start_time is None or job.end_time is None:
+        return NOT_SET
+    return f"{(job.end_time - job.start_time).total_seconds():.1f} s"
+
+
+def job_details(job: JobView, tz: tzinfo | None = None) -> str:
+    """`ci show`: one job, one field per line."""
+    fields = [
+        ("Job", job.id),
+        ("Status", job.status.value),
+        ("Result", job_outcome_line(job)),
+        ("Reason", job.reason or NOT_SET),
+        ("Exit code", NOT_SET if job.exit_code is None else str(job.exit_code)),
+        ("Submitted", format_time(job.created_at, tz)),
+        ("Started", format_time(job.start_time, tz)),
+        ("Ended", format_time(job.end_time, tz)),
+        ("Duration", duration(job)),
+    ]
+    width = max(len(name) for name, _ in fields) + 2
+    return "\n".join(f"{(name + ':').ljust(width)}{value}" for name, value in fields)
+
+
+def cancel_line(job_id: str, job: JobView) -> str:
+    """What `ci cancel` says once the job is over: cancelled, or how it had finished."""
+    if job.status is JobStatus.CANCELLED:
+        return f"Job {job_id} cancelled"
+    return f"Job {job_id} had already finished; nothing to cancel: {job_outcome_line(job)}"
+
+
 def exit_code_for(success: bool | None) -> int:
     """The `ci` exit code for a job's result: 0 when its tests passed, 1 otherwise."""
     return 0 if success else 1

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +20,7 @@ from ci_common.wire import ErrorBody, JobCreated, JobList, JobView
 from ci_server.archive import ArchiveLimits, validate_archive
 from ci_server.auth import CurrentUser
 from ci_server.events import ResumePoint, Since, resume_point, stream_events
+from ci_server.joblog import last_lines, output_text, stored_events
 from ci_server.relay import EventRelay, Subscription
 from ci_server.state import get_relay, get_repository, get_settings
 from ci_server.upload import SUBMISSION_OPENAPI, read_submission
@@ -113,6 +115,22 @@ def get_job(job: OwnedJob) -> JobView:
              summary="Ask for a job to be cancelled", responses=JOB_ERRORS)
 def cancel_job(job_id: str, user: CurrentUser, repository: RepositoryDep) -> JobView:
     return JobView.from_job(repository.request_cancel(job_id, user.id))
+
+
+MAX_TAIL = 1_000_000
+
+
+@router.get("/jobs/{job_id}/log", response_class=PlainTextResponse, tags=["jobs"],
+            summary="A job's stored output as plain text, as far as it goes (not following)",
+            responses=json_errors(JOB_ERRORS))
+def job_log(
+    job: OwnedJob,
+    repository: RepositoryDep,
+    tail: Annotated[int | None, Query(ge=1, le=MAX_TAIL,
+                                      description="only the last N lines")] = None,
+) -> PlainTextResponse:
+    text = output_text(stored_events(repository, job.id))
+    return PlainTextResponse(text if tail is None else last_lines(text, tail))
 
 
 def resume(

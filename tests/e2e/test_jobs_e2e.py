@@ -184,6 +184,7 @@ def test_two_users_are_isolated_on_every_endpoint(running: Deployment, tmp_path:
     for method, path in [
         ("GET", f"/jobs/{job_id}"),
         ("GET", f"/jobs/{job_id}/events"),
+        ("GET", f"/jobs/{job_id}/log"),
         ("POST", f"/jobs/{job_id}/cancel"),
     ]:
         theirs = httpx.request(method, base + path, headers=bob_headers, timeout=10)
@@ -242,6 +243,36 @@ def test_ctrl_c_during_submit_cancels_the_job(running: Deployment, tmp_path: Pat
     while running.containers() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert running.containers() == []  # the cancelled job's container is removed
+
+
+def test_logs_show_and_cancel_of_a_running_job(running: Deployment, tmp_path: Path) -> None:
+    user = running.create_user()
+    project = write_project(
+        tmp_path / "p", {"test_lines.py": numbered_lines_test(600, 0.1)}, capture=False
+    )
+    job_id = job_id_from(submit(running, project, user.api_key, "--async").stdout)
+    proc = running.ci_popen("wait", job_id, "--all", server=server(running), api_key=user.api_key)
+    wait_for_line(proc, "line 5")
+    logs = running.ci("logs", job_id, server=server(running), api_key=user.api_key)
+    assert logs.returncode == 0, logs.stderr  # returns at once: the job runs on
+    printed = numbered_lines_in(logs.stdout)
+    assert printed[:5] == [1, 2, 3, 4, 5] and printed == list(range(1, len(printed) + 1))
+    tail = running.ci("logs", job_id, "--tail", "1", server=server(running), api_key=user.api_key)
+    assert len(tail.stdout.splitlines()) == 1
+
+    cancelled = running.ci("cancel", job_id, server=server(running), api_key=user.api_key)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stderr.splitlines()[-1] == f"Job {job_id} cancelled"
+    out, err = proc.communicate(timeout=60)  # the watcher sees the end too
+    assert proc.returncode == 1 and "✗ Job cancelled" in err
+    shown = running.ci("show", job_id, server=server(running), api_key=user.api_key)
+    assert "Status:" in shown.stdout and "cancelled" in shown.stdout
+    again = running.ci("cancel", job_id, server=server(running), api_key=user.api_key)
+    assert again.returncode == 0 and "cancelled" in again.stderr
+    deadline = time.monotonic() + 30
+    while running.containers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running.containers() == []
 
 
 def test_ctrl_c_during_wait_leaves_the_job_running(running: Deployment, tmp_path: Path) -> None:

@@ -456,3 +456,74 @@ def test_unexpected_errors_are_one_line_too(service: Service) -> None:
     assert result.exit_code == 1
     assert result.stderr == ("Error: unexpected RuntimeError: wires crossed "
                              "(rerun with --debug for the traceback)\n")
+
+
+# ---------------------------------------------------------------------- cancel, logs, show
+def test_cancel_a_running_job_waits_until_it_has_stopped(service: Service) -> None:
+    job_id = service.job(chunks=["working\n"])  # running: a controller must stop it
+
+    def controller_stops_it() -> None:
+        deadline = time.monotonic() + 30
+        while not service.repo.get_job(job_id).cancel_requested:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # the container takes a moment to stop
+        outcome = JobOutcome(JobStatus.CANCELLED, None, False, "cancelled by user")
+        service.repo.finish_job(job_id, outcome, utcnow(),
+                                fence=owner_fence(service.repo, job_id))
+
+    stopper = threading.Thread(target=controller_stops_it, daemon=True)
+    stopper.start()
+    result = service.run("cancel", job_id)
+    stopper.join(10)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [f"Cancelling job {job_id}…",
+                                          f"Job {job_id} cancelled"]
+    assert service.repo.get_job(job_id).status is JobStatus.CANCELLED
+
+
+def test_cancel_a_queued_job_is_immediate_and_a_finished_one_is_not_an_error(
+        service: Service) -> None:
+    queued = service.repo.create_job(service.user_id, b"zip", None).id
+    result = service.run("cancel", queued)
+    assert (result.exit_code, result.stderr) == (0, f"Job {queued} cancelled\n")
+    done = service.job(chunks=[], outcome=PASSED)
+    result = service.run("cancel", done)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (f"Job {done} had already finished; nothing to cancel: "
+                             "✓ Tests passed (exit code 0)\n")
+    assert service.repo.get_job(done).status is JobStatus.COMPLETED
+
+
+def test_logs_prints_the_stored_output_and_returns(service: Service) -> None:
+    job_id = service.job(chunks=["one\n", "two\n", "thr", "ee\n", "four ✓"])  # still running
+    result = service.run("logs", job_id)
+    assert (result.exit_code, result.stdout) == (0, "one\ntwo\nthree\nfour ✓")
+    result = service.run("logs", job_id, "--tail", "2")
+    assert (result.exit_code, result.stdout) == (0, "three\nfour ✓")
+    assert service.run("logs", job_id, "--tail", "0").exit_code == 2
+
+
+def test_logs_show_and_cancel_of_someone_elses_job_are_not_found(service: Service) -> None:
+    other = service.repo.create_user("Bob", "bob@example.com")
+    theirs = service.repo.create_job(other.id, b"zip", None).id
+    for command in ("logs", "show", "cancel"):
+        result = service.run(command, theirs)
+        assert result.exit_code == 1
+        assert result.stderr.startswith("Error: ") and "not found" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert service.repo.get_job(theirs).cancel_requested is False
+
+
+def test_show_prints_one_job(service: Service) -> None:
+    job_id = service.job(chunks=[], outcome=INSTALL_FAILED)
+    result = service.run("show", job_id)
+    assert result.exit_code == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert fields["Job"].strip() == job_id
+    assert fields["Status"].strip() == "failed"
+    assert fields["Result"].strip() == "✗ Job failed: dependency installation failed"
+    assert fields["Reason"].strip() == "dependency installation failed"
+    assert fields["Duration"].strip().endswith(" s")
+    as_json = service.run("show", job_id, "--json")
+    assert json.loads(as_json.stdout)["reason"] == "dependency installation failed"
