@@ -188,6 +188,8 @@ def wait(ctx: click.Context, job_id: str, show_all: bool) -> None:
         job = client.get_job(job_id)
         if job.status.is_terminal and not show_all:
             _status(render.already_finished_line(job))
+            for line in [] if job.report is None else render.report_lines(job.report):
+                _status(line)
             ctx.exit(render.exit_code_for(job.success))
         if not show_all:
             _status(f"Status: {job.status.value}")
@@ -292,6 +294,9 @@ def _follow(client: CIClient, job_id: str, since: Since) -> int:
                 _status(f"Status: {event.status.value}")
             elif isinstance(event, EndEvent):
                 _status(render.result_line(event.end))
+                if event.end.report is not None:
+                    for line in render.report_lines(event.end.report):
+                        _status(line)
                 return render.exit_code_for(event.end.success)
     raise CIError(f"the event stream of job {job_id} ended without the job's result")
 

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime, tzinfo
 
 from ci_common.models import JobStatus
-from ci_common.wire import EndData, JobView
+from ci_common.wire import EndData, JobView, ReportData
 
 # Column widths of the README's example table (`ci list`), the last column unpadded.
-COLUMNS = (("JOB ID", 39), ("STATUS", 13), ("START TIME", 23), ("END TIME", 23), ("SUCCESS", 0))
-RULE_WIDTH = 110
+COLUMNS = (("JOB ID", 39), ("STATUS", 13), ("START TIME", 23), ("END TIME", 23),
+           ("SUCCESS", 10), ("TESTS", 0))
+RULE_WIDTH = 130
 NOT_SET = "N/A"
 PASSED_MARK = "✓"
 FAILED_MARK = "✗"
@@ -48,8 +49,28 @@ def jobs_table(jobs: Sequence[JobView], tz: tzinfo | None = None) -> str:
             format_time(job.start_time, tz),
             format_time(job.end_time, tz),
             success_mark(job.success),
+            PENDING_MARK if job.report is None else counts_text(job.report),
         ]))
     return "\n".join(lines)
+
+
+def counts_text(report: ReportData) -> str:
+    """`2 failed, 40 passed, 1 skipped`, in pytest's words and order; zero counts left out."""
+    parts = [f"{count} {word}" for count, word in (
+        (report.failed, "failed"), (report.passed, "passed"), (report.skipped, "skipped"),
+        (report.errors, "error" if report.errors == 1 else "errors")) if count]
+    return ", ".join(parts) or "no tests ran"
+
+
+def report_lines(report: ReportData) -> list[str]:
+    """After the result line: `✗ 2 failed, 40 passed in 3.2 s`, then each failing test id."""
+    mark = FAILED_MARK if report.failed or report.errors else PASSED_MARK
+    lines = [f"{mark} {counts_text(report)} in {report.duration_s:.1f} s"]
+    lines += [f"  {test}" for test in report.failing]
+    shown, total = len(report.failing), report.failed + report.errors
+    if total > shown:
+        lines.append(f"  … and {total - shown} more")
+    return lines
 
 
 def jobs_json(jobs: Sequence[JobView]) -> str:
@@ -107,6 +128,11 @@ def job_details(job: JobView, tz: tzinfo | None = None) -> str:
         ("Ended", format_time(job.end_time, tz)),
         ("Duration", duration(job)),
     ]
+    report = job.report
+    if report is not None:
+        fields.append(("Tests", f"{counts_text(report)} in {report.duration_s:.1f} s"))
+        fields += [("Failing", test) for test in report.failing]
+        fields += [("Slowest", f"{slow.duration_s:.2f} s  {slow.test}") for slow in report.slowest]
     width = max(len(name) for name, _ in fields) + 2
     return "\n".join(f"{(name + ':').ljust(width)}{value}" for name, value in fields)
 

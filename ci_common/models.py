@@ -94,6 +94,7 @@ class Job:
     log_cursor: int  # last runner frame number stored as output (crash-safe resume point)
     output_bytes: int  # bytes of output currently stored
     dropped_bytes: int  # bytes of output dropped by the log cap (the head is dropped)
+    report: TestReport | None = None  # pytest's summary, once the tests ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,29 @@ class OutputChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class SlowTest:
+    """One of a run's slowest tests."""
+
+    test: str  # pytest's node id, e.g. tests/test_calc.py::test_add
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TestReport:
+    """What pytest's JUnit XML says about a run: counts, failing tests, slowest tests."""
+
+    __test__ = False  # a model, not a pytest test class
+
+    passed: int
+    failed: int
+    errors: int
+    skipped: int
+    duration_s: float
+    failing: tuple[str, ...] = ()  # node ids of failed and erroring tests, the first 50
+    slowest: tuple[SlowTest, ...] = ()  # the 5 slowest tests, slowest first
+
+
+@dataclass(frozen=True, slots=True)
 class JobOutcome:
     """How a job ended; recorded on the job row and carried by its END event."""
 
@@ -122,6 +146,7 @@ class JobOutcome:
     exit_code: int | None
     success: bool
     reason: str | None
+    report: TestReport | None = None  # when pytest ran and wrote its report
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,45 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ci_common.models import Job, JobOutcome, JobStatus, OutputStream
+from ci_common.models import Job, JobOutcome, JobStatus, OutputStream, SlowTest, TestReport
 
 SSE_EVENT_STATUS = "status"
 SSE_EVENT_OUTPUT = "output"
 SSE_EVENT_END = "end"
+
+
+class SlowTestData(BaseModel):
+    test: str = Field(description="pytest node id")
+    duration_s: float
+
+
+class ReportData(BaseModel):
+    """pytest's summary of a run (from its JUnit XML); absent when the tests never ran."""
+
+    passed: int
+    failed: int
+    errors: int
+    skipped: int
+    duration_s: float
+    failing: list[str] = Field(default_factory=list,
+                               description="node ids of failed and erroring tests, the first 50")
+    slowest: list[SlowTestData] = Field(default_factory=list, description="the 5 slowest tests")
+
+    @classmethod
+    def from_report(cls, report: TestReport | None) -> ReportData | None:
+        if report is None:
+            return None
+        return cls(passed=report.passed, failed=report.failed, errors=report.errors,
+                   skipped=report.skipped, duration_s=report.duration_s,
+                   failing=list(report.failing),
+                   slowest=[SlowTestData(test=s.test, duration_s=s.duration_s)
+                            for s in report.slowest])
+
+    def to_report(self) -> TestReport:
+        return TestReport(passed=self.passed, failed=self.failed, errors=self.errors,
+                          skipped=self.skipped, duration_s=self.duration_s,
+                          failing=tuple(self.failing),
+                          slowest=tuple(SlowTest(s.test, s.duration_s) for s in self.slowest))
 
 
 class JobView(BaseModel):
@@ -31,12 +65,13 @@ class JobView(BaseModel):
     created_at: datetime
     start_time: datetime | None
     end_time: datetime | None
+    report: ReportData | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> JobView:
         return cls(id=job.id, status=job.status, success=job.success, exit_code=job.exit_code,
                    reason=job.reason, created_at=job.created_at, start_time=job.start_time,
-                   end_time=job.end_time)
+                   end_time=job.end_time, report=ReportData.from_report(job.report))
 
 
 class JobList(BaseModel):
@@ -77,12 +112,14 @@ class EndData(BaseModel):
     exit_code: int | None
     success: bool
     reason: str | None = Field(default=None, description="why it did not run normally")
+    report: ReportData | None = None
 
     @classmethod
     def from_outcome(cls, outcome: JobOutcome) -> EndData:
         return cls(status=outcome.status, exit_code=outcome.exit_code, success=outcome.success,
-                   reason=outcome.reason)
+                   reason=outcome.reason, report=ReportData.from_report(outcome.report))
 
     def to_outcome(self) -> JobOutcome:
         return JobOutcome(status=self.status, exit_code=self.exit_code, success=self.success,
-                          reason=self.reason)
+                          reason=self.reason,
+                          report=None if self.report is None else self.report.to_report())

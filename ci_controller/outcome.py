@@ -8,11 +8,16 @@ flag explain a run that was cut short.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ci_common.models import JobOutcome, JobStatus
+from pydantic import ValidationError
+
+from ci_common.models import JobOutcome, JobStatus, TestReport
+from ci_common.wire import ReportData
 
 REASON_INSTALL_FAILED = "dependency installation failed"
 REASON_TIMED_OUT = "timed out"
@@ -67,6 +72,41 @@ def _failed(reason: str, exit_code: int | None) -> JobOutcome:
     return JobOutcome(status=JobStatus.FAILED, exit_code=exit_code, success=False, reason=reason)
 
 
+REPORT_PREFIX = "report "  # runner_entry.REPORT_PREFIX: the runner's summary of pytest's XML
+MAX_FAILING = 50
+MAX_SLOWEST = 5
+MAX_TEST_ID = 1000
+
+
+def report_from_phases(phases: Sequence[str]) -> TestReport | None:
+    """The runner's summary of pytest's JUnit XML (its last report frame), if it is sound.
+
+    The frame comes from inside the job's container, where the tests could forge one: it is
+    checked like any input, and bounded, but it only ever describes that same job.
+    """
+    for text in reversed(phases):
+        if not text.startswith(REPORT_PREFIX):
+            continue
+        try:
+            raw = json.loads(text[len(REPORT_PREFIX):])
+            raw["slowest"] = [{"test": test, "duration_s": seconds}
+                              for test, seconds in raw.get("slowest", [])]
+            data = ReportData.model_validate(raw)
+        except (ValueError, TypeError, KeyError, AttributeError, ValidationError):
+            return None
+        counts = (data.passed, data.failed, data.errors, data.skipped)
+        seconds = [data.duration_s, *(slow.duration_s for slow in data.slowest)]
+        if min(counts) < 0 or not all(math.isfinite(s) and s >= 0 for s in seconds):
+            return None
+        report = data.to_report()
+        return replace(
+            report,
+            failing=tuple(test[:MAX_TEST_ID] for test in report.failing[:MAX_FAILING]),
+            slowest=tuple(replace(slow, test=slow.test[:MAX_TEST_ID])
+                          for slow in report.slowest[:MAX_SLOWEST]))
+    return None
+
+
 def decide_outcome(facts: RunFacts) -> JobOutcome:
     """The job's outcome: `completed` when pytest ran to the end, otherwise why not."""
     result = runner_result(facts.phases)
@@ -95,7 +135,8 @@ def decide_outcome(facts: RunFacts) -> JobOutcome:
     if result.kind == "tests":
         assert result.code is not None
         return JobOutcome(status=JobStatus.COMPLETED, exit_code=result.code,
-                          success=result.code == 0, reason=None)
+                          success=result.code == 0, reason=None,
+                          report=report_from_phases(facts.phases))
     if result.kind == "install":
         return _failed(REASON_INSTALL_FAILED, result.code)  # pip's code, not the runner's
     return _failed(REASON_INVALID_ARCHIVE_PREFIX + result.detail, facts.exit_code)

@@ -46,6 +46,7 @@ import traceback
 import zipfile
 import zlib
 from typing import Any
+from xml.etree import ElementTree
 
 STDOUT = "stdout"
 STDERR = "stderr"
@@ -67,6 +68,12 @@ EXIT_TERMINATED = 143
 
 PIP_FLAGS = ["--no-input", "--progress-bar", "off"]
 PYTEST_ARGS = ["-v", "-p", "no:cacheprovider"]
+JUNIT_NAME = "junit.xml"  # pytest's report, written beside the work dir (not in the project)
+REPORT_PREFIX = "report "  # a phase frame: REPORT_PREFIX + the JSON of summarize_junit
+MAX_JUNIT_BYTES = 64 * 1024 * 1024  # a larger report is not read (the counts are then absent)
+MAX_FAILING = 50  # failing test ids reported
+SLOWEST = 5  # slowest tests reported
+MAX_TEST_ID = 1000  # characters of a test id kept
 
 
 class InvalidArchive(Exception):
@@ -348,6 +355,56 @@ def test_environment(workdir: str) -> dict[str, str]:
     return env
 
 
+def node_id(classname: str, name: str, workdir: str) -> str:
+    """pytest's node id of a JUnit testcase: `tests.test_calc.TestX` and `test_a` become
+    `tests/test_calc.py::TestX::test_a` when that file exists, else `classname::name`."""
+    parts = classname.split(".") if classname else []
+    for cut in range(len(parts), 0, -1):
+        path = "/".join(parts[:cut]) + ".py"
+        if os.path.isfile(os.path.join(workdir, path)):
+            return "::".join([path, *parts[cut:], name])
+    return "::".join([classname, name]) if classname else name
+
+
+def summarize_junit(path: str, workdir: str) -> dict[str, Any] | None:
+    """Counts, failing and slowest tests from pytest's JUnit XML; None when there is none."""
+    try:
+        if os.path.getsize(path) > MAX_JUNIT_BYTES:
+            return None
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failing: list[str] = []
+    timed: list[tuple[float, str]] = []
+    for case in root.iter("testcase"):
+        test = node_id(case.get("classname", ""), case.get("name", ""), workdir)[:MAX_TEST_ID]
+        failed, errored = case.find("failure") is not None, case.find("error") is not None
+        if failed or errored:
+            counts["failed"] += failed
+            counts["errors"] += errored
+            if len(failing) < MAX_FAILING:
+                failing.append(test)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+        timed.append((_seconds(case.get("time")), test))
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    timed.sort(key=lambda item: -item[0])
+    return {**counts, "duration_s": round(sum(_seconds(s.get("time")) for s in suites), 3),
+            "failing": failing,
+            "slowest": [[test, round(seconds, 3)] for seconds, test in timed[:SLOWEST]]}
+
+
+def _seconds(text: str | None) -> float:
+    try:
+        value = float(text or 0)
+    except ValueError:
+        return 0.0
+    return value if value >= 0 and value != float("inf") else 0.0
+
+
 def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     """Unpack, install, test; returns the exit code of the container."""
     try:
@@ -371,8 +428,16 @@ def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
             emitter.phase(f"install failed (exit {code})")
             return EXIT_INSTALL_FAILED
     emitter.phase("tests started")
-    code = runner.run([sys.executable, "-m", "pytest"] + PYTEST_ARGS, cwd=args.workdir,
-                      env=test_environment(args.workdir))
+    junit = os.path.join(os.path.dirname(args.workdir), JUNIT_NAME)
+    env = test_environment(args.workdir)
+    # Through the environment, not the command line: the command shown to the user stays the
+    # one they would type, and it wins over a --junitxml in the project's own addopts.
+    env["PYTEST_ADDOPTS"] = f"--junitxml={junit}"
+    code = runner.run([sys.executable, "-m", "pytest", *PYTEST_ARGS], cwd=args.workdir,
+                      env=env)
+    summary = summarize_junit(junit, args.workdir)
+    if summary is not None:
+        emitter.phase(REPORT_PREFIX + json.dumps(summary, ensure_ascii=False))
     emitter.phase(f"tests exited {code}")
     return code if 0 <= code <= 255 else 128 + (-code % 128)
 

@@ -370,7 +370,8 @@ class InMemoryRepository:
 
     def _finish(self, job: Job, outcome: JobOutcome, end_time: datetime) -> Job:
         job = replace(job, status=outcome.status, exit_code=outcome.exit_code,
-                      success=outcome.success, reason=outcome.reason, end_time=as_utc(end_time))
+                      success=outcome.success, reason=outcome.reason, end_time=as_utc(end_time),
+                      report=outcome.report)
         self._jobs[job.id] = job
         self._append(job.id, EventKind.END, end_event_text(outcome), None)
         return job

@@ -12,14 +12,16 @@ from ci_common.models import (
     JobEvent,
     JobStatus,
     OutputStream,
+    TestReport,
     User,
 )
+from ci_common.wire import ReportData
 from ci_persistence.timefmt import from_text, opt_from_text
 
 JOB_COLUMNS = (
     "id, user_id, status, created_at, start_time, end_time, exit_code, success, reason, "
     "timeout_seconds, archive_size, controller_id, container_id, cancel_requested, log_cursor, "
-    "output_bytes, dropped_bytes"
+    "output_bytes, dropped_bytes, report"
 )
 EVENT_COLUMNS = "job_id, seq, kind, stream, text, created_at"
 USER_COLUMNS = "id, name, email, is_active, created_at"
@@ -29,6 +31,16 @@ KEY_SELECT = (
     "k.last_used_at, u.name AS u_name, u.email AS u_email, u.is_active AS u_is_active, "
     "u.created_at AS u_created_at FROM api_keys k JOIN users u ON u.id = k.user_id"
 )
+
+
+def report_to_text(report: TestReport | None) -> str | None:
+    """A job's report as stored in jobs.report: the JSON of its wire form."""
+    data = ReportData.from_report(report)
+    return None if data is None else data.model_dump_json()
+
+
+def report_from_text(text: str | None) -> TestReport | None:
+    return None if text is None else ReportData.model_validate_json(text).to_report()
 
 
 def user_from_row(row: sqlite3.Row) -> User:
@@ -70,6 +82,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         log_cursor=row["log_cursor"],
         output_bytes=row["output_bytes"],
         dropped_bytes=row["dropped_bytes"],
+        report=report_from_text(row["report"]),
     )
 
 

@@ -55,6 +55,7 @@ from ci_persistence.rows import (
     key_from_row,
     key_owner_from_row,
     lease_from_row,
+    report_to_text,
     user_from_row,
 )
 from ci_persistence.timefmt import to_text
@@ -512,10 +513,10 @@ def _append_event(conn: sqlite3.Connection, job_id: str, kind: EventKind, text: 
 
 def _finish(conn: sqlite3.Connection, job_id: str, outcome: JobOutcome, end_time: datetime) -> None:
     conn.execute(
-        "UPDATE jobs SET status = ?, exit_code = ?, success = ?, reason = ?, end_time = ? "
-        "WHERE id = ?",
+        "UPDATE jobs SET status = ?, exit_code = ?, success = ?, reason = ?, end_time = ?, "
+        "report = ? WHERE id = ?",
         (outcome.status.value, outcome.exit_code, int(outcome.success), outcome.reason,
-         to_text(end_time), job_id))
+         to_text(end_time), report_to_text(outcome.report), job_id))
     _append_event(conn, job_id, EventKind.END, end_event_text(outcome))
 
 

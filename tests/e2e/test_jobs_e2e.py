@@ -54,14 +54,25 @@ def test_passing_project_streams_output_and_exits_0(running: Deployment, tmp_pat
     assert "✓" in result.stderr
 
 
-def test_failing_project_exits_1(running: Deployment, tmp_path: Path) -> None:
+def test_failing_project_exits_1_with_its_test_report(running: Deployment,
+                                                      tmp_path: Path) -> None:
     user = running.create_user()
-    project = write_project(tmp_path / "p", {"test_bad.py": FAILING_TEST})
+    project = write_project(tmp_path / "p", {"test_bad.py": FAILING_TEST,
+                                             "test_ok.py": PASSING_TEST})
     result = submit(running, project, user.api_key)
     assert result.returncode == 1
     assert "test_bad.py::test_broken FAILED" in result.stdout
     assert "assert (1 + 1) == 3" in result.stdout or "assert 2 == 3" in result.stdout
-    assert "✗" in result.stderr
+    summary = result.stderr.splitlines()[-2:]
+    assert summary[0].startswith("✗ 1 failed, 1 passed in ") and summary[0].endswith(" s")
+    assert summary[1] == "  tests/test_bad.py::test_broken"
+    listed = json.loads(running.ci("list", "--json", server=server(running),
+                                   api_key=user.api_key).stdout)
+    report = listed[0]["report"]
+    assert (report["passed"], report["failed"], report["failing"]) == (
+        1, 1, ["tests/test_bad.py::test_broken"])
+    shown = running.ci("show", listed[0]["id"], server=server(running), api_key=user.api_key)
+    assert "Failing:" in shown.stdout and "tests/test_bad.py::test_broken" in shown.stdout
 
 
 def test_syntax_error_project_exits_1_with_the_error_shown(
@@ -137,7 +148,7 @@ def test_list_table_and_json(running: Deployment, tmp_path: Path) -> None:
     table = running.ci("list", server=server(running), api_key=user.api_key)
     assert table.returncode == 0
     header = table.stdout.splitlines()[0].split()
-    assert header == ["JOB", "ID", "STATUS", "START", "TIME", "END", "TIME", "SUCCESS"]
+    assert header == ["JOB", "ID", "STATUS", "START", "TIME", "END", "TIME", "SUCCESS", "TESTS"]
     rows = table.stdout.splitlines()[2:]
     assert len(rows) == 2
     assert "✗" in rows[0] and "✓" in rows[1]  # newest first

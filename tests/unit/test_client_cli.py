@@ -26,7 +26,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from ci_client.cli import CLIState, cli
 from ci_common.keys import generate_key
-from ci_common.models import JobOutcome, JobStatus, OutputChunk, OutputStream, utcnow
+from ci_common.models import JobOutcome, JobStatus, OutputChunk, OutputStream, TestReport, utcnow
 from ci_common.settings import Settings
 from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
@@ -369,11 +369,12 @@ def test_list_prints_the_table_newest_first(service: Service) -> None:
     result = service.run("list")
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["JOB", "ID", "STATUS", "START", "TIME", "END", "TIME", "SUCCESS"]
-    assert lines[1] == "-" * 110
+    assert lines[0].split() == ["JOB", "ID", "STATUS", "START", "TIME", "END", "TIME", "SUCCESS",
+                                "TESTS"]
+    assert lines[1] == "-" * 130
     assert lines[2].startswith(f"{second}   running      ")
-    assert lines[2].endswith("N/A                    -")
-    assert lines[3].startswith(f"{first}   completed    ") and lines[3].endswith("✓")
+    assert lines[2].endswith("N/A                    -         -")
+    assert lines[3].startswith(f"{first}   completed    ") and lines[3].endswith("✓         -")
 
 
 def test_list_json_and_limit(service: Service) -> None:
@@ -383,7 +384,7 @@ def test_list_json_and_limit(service: Service) -> None:
     payload = json.loads(result.stdout)
     assert [job["id"] for job in payload] == ids[::-1][:2]
     assert set(payload[0]) == {"id", "status", "success", "exit_code", "reason", "created_at",
-                               "start_time", "end_time"}
+                               "start_time", "end_time", "report"}
     assert payload[0]["success"] is True and payload[0]["exit_code"] == 0
     assert result.stderr == ""
     table = service.run("list", "--limit", "2")
@@ -527,3 +528,26 @@ def test_show_prints_one_job(service: Service) -> None:
     assert fields["Duration"].strip().endswith(" s")
     as_json = service.run("show", job_id, "--json")
     assert json.loads(as_json.stdout)["reason"] == "dependency installation failed"
+
+
+def test_submit_and_wait_end_with_the_test_summary_and_failing_tests(service: Service,
+                                                                      project: Path) -> None:
+    report = TestReport(passed=40, failed=2, errors=0, skipped=1, duration_s=3.21,
+                        failing=("tests/test_a.py::test_one", "tests/test_b.py::test_two"))
+    thread = service.controller(["E   assert 3 == 2\n"],
+                                JobOutcome(JobStatus.COMPLETED, 1, False, None, report=report))
+    result = service.run("submit", "test")
+    thread.join(10)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-4:] == [
+        "✗ Tests failed (exit code 1)",
+        "✗ 2 failed, 40 passed, 1 skipped in 3.2 s",
+        "  tests/test_a.py::test_one",
+        "  tests/test_b.py::test_two",
+    ]
+    job_id = service.repo.list_jobs(service.user_id)[0].id
+    waited = service.run("wait", job_id)  # already finished: the same summary
+    assert waited.stderr.splitlines()[-3:] == result.stderr.splitlines()[-3:]
+    listed = json.loads(service.run("list", "--json").stdout)
+    assert listed[0]["report"]["failed"] == 2
+    assert "2 failed, 40 passed, 1 skipped" in service.run("list").stdout

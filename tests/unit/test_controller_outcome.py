@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ci_common.models import JobOutcome, JobStatus
+from ci_common.models import JobOutcome, JobStatus, SlowTest, TestReport
 from ci_controller.outcome import (
     RunFacts,
     cancelled_before_start,
     decide_outcome,
     is_final_phase,
+    report_from_phases,
     start_failed,
 )
 
@@ -95,3 +98,38 @@ def test_final_phases() -> None:
         assert is_final_phase(text)
     for text in ("install started", "tests started"):
         assert not is_final_phase(text)
+
+
+# --------------------------------------------------------------------------- the test report
+def _report_phase(**overrides: object) -> str:
+    report: dict[str, object] = {"passed": 3, "failed": 1, "errors": 0, "skipped": 2,
+                                 "duration_s": 1.25, "failing": ["tests/t.py::test_a"],
+                                 "slowest": [["tests/t.py::test_a", 0.5]]}
+    report.update(overrides)
+    return "report " + json.dumps(report)
+
+
+def test_a_completed_run_carries_the_runners_report() -> None:
+    outcome = decide_outcome(RunFacts(phases=["tests started", _report_phase(),
+                                              "tests exited 1"], exit_code=1))
+    assert outcome.report == TestReport(passed=3, failed=1, errors=0, skipped=2, duration_s=1.25,
+                                        failing=("tests/t.py::test_a",),
+                                        slowest=(SlowTest("tests/t.py::test_a", 0.5),))
+
+
+def test_a_forged_or_broken_report_is_ignored_and_a_huge_one_bounded() -> None:
+    for bad in ("report {", "report []", _report_phase(passed=-1), _report_phase(passed="x"),
+                _report_phase(duration_s=float("inf")), _report_phase(slowest=[["t", -1]]),
+                _report_phase(slowest=[["t"]]), _report_phase(failing="not a list")):
+        assert report_from_phases(["tests started", bad, "tests exited 0"]) is None, bad
+    huge = report_from_phases([_report_phase(failing=["x" * 5000] * 500,
+                                             slowest=[["y" * 5000, 1.0]] * 50)])
+    assert huge is not None
+    assert len(huge.failing) == 50 and all(len(t) == 1000 for t in huge.failing)
+    assert len(huge.slowest) == 5 and len(huge.slowest[0].test) == 1000
+
+
+def test_a_run_that_never_finished_its_tests_has_no_report() -> None:
+    outcome = decide_outcome(RunFacts(phases=["tests started", _report_phase()],
+                                      timed_out=True, exit_code=137))
+    assert (outcome.reason, outcome.report) == ("timed out", None)

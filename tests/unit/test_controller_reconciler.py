@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -146,6 +147,26 @@ def test_claim_run_finish(repo: CountingRepository, runtime: FakeRuntime,
     assert any("started in container" in m for m in messages)
     assert any("finished: completed (exit 0, passed)" in m for m in messages)
     assert controller.run_once() is False  # nothing left to do
+
+
+def test_the_runners_test_report_is_stored_with_the_outcome(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    summary = {"passed": 1, "failed": 1, "errors": 0, "skipped": 0, "duration_s": 0.5,
+               "failing": ["tests/test_a.py::test_b"],
+               "slowest": [["tests/test_a.py::test_b", 0.4]]}
+    job = submit(repo)
+    runtime.scripts[job.id] = FakeScript(steps=runner_frames(
+        ("phase", "tests started"), ("stdout", "test_b FAILED\n"),
+        ("phase", "report " + json.dumps(summary)), ("phase", "tests exited 1")), exit_code=1)
+    controller = make_controller(repo, runtime, controllers)
+    controller.run_once()
+    done = finish(controller, repo, job.id)
+    assert done.report is not None
+    assert (done.report.passed, done.report.failed, done.report.failing) == (
+        1, 1, ("tests/test_a.py::test_b",))
+    assert "report" not in text_of(repo, job.id)  # a phase frame, never output
+    end = repo.list_events(job.id)[-1]
+    assert json.loads(end.text)["report"]["failed"] == 1
 
 
 def test_container_gets_runner_and_archive(repo: CountingRepository,

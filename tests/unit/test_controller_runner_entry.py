@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import stat
@@ -115,7 +116,11 @@ def test_passing_project(tmp_path: Path) -> None:
     code, frames = run_runner(tmp_path, make_zip(project(
         "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n")))
     assert code == 0
-    assert phases(frames) == ["install started", "tests started", "tests exited 0"]
+    assert [p.split(" {")[0] for p in phases(frames)] == [
+        "install started", "tests started", "report", "tests exited 0"]
+    report = json.loads(phases(frames)[2][len("report "):])
+    assert (report["passed"], report["failed"], report["failing"]) == (1, 0, [])
+    assert report["slowest"][0][0] == "tests/test_calc.py::test_add"
     assert "test_add PASSED" in output(frames)
     assert [f.number for f in frames] == list(range(1, len(frames) + 1))
 
@@ -201,3 +206,45 @@ def test_sigterm_stops_the_tests_and_says_so(tmp_path: Path) -> None:
     seen += parser.feed(rest) + parser.finish()
     assert proc.returncode == runner_entry.EXIT_TERMINATED
     assert phases(seen)[-1] == "terminated"
+
+
+# --------------------------------------------------------------------------- the test report
+def test_report_counts_failures_errors_and_skips_with_pytest_node_ids(tmp_path: Path) -> None:
+    body = ("import pytest\n\n"
+            "def test_ok():\n    pass\n\n"
+            "def test_bad():\n    assert 1 == 2\n\n"
+            "def test_plain():\n    pass\n\n"
+            "@pytest.mark.skip(reason='not today')\n"
+            "def test_skipped():\n    pass\n\n"
+            "@pytest.fixture\n"
+            "def broken():\n    raise RuntimeError('setup')\n\n"
+            "def test_setup_error(broken):\n    pass\n\n"
+            "class TestGroup:\n"
+            "    def test_in_class(self):\n        assert False\n")
+    code, frames = run_runner(tmp_path, make_zip(project(body)))
+    assert code == 1
+    report = json.loads(next(p for p in phases(frames) if p.startswith("report "))[7:])
+    assert {k: report[k] for k in ("passed", "failed", "errors", "skipped")} == {
+        "passed": 2, "failed": 2, "errors": 1, "skipped": 1}
+    assert report["failing"] == ["tests/test_calc.py::test_bad",
+                                 "tests/test_calc.py::test_setup_error",
+                                 "tests/test_calc.py::TestGroup::test_in_class"]
+    assert len(report["slowest"]) == 5 and report["duration_s"] >= 0
+
+
+def test_no_report_when_the_tests_never_ran_or_the_xml_is_broken(tmp_path: Path) -> None:
+    code, frames = run_runner(tmp_path, make_zip({"tests/test_x.py": "def test_x(): pass\n"}))
+    assert phases(frames) == ["invalid archive: requirements.txt is missing"]
+    broken = tmp_path / "junit.xml"
+    broken.write_text("<testsuites><testsuite><testcase name='a'")
+    assert runner_entry.summarize_junit(str(broken), str(tmp_path)) is None
+    assert runner_entry.summarize_junit(str(tmp_path / "missing.xml"), str(tmp_path)) is None
+
+
+def test_a_node_id_falls_back_to_the_classname_when_no_file_matches(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "test_m.py").write_text("")
+    assert runner_entry.node_id("pkg.test_m.TestA", "test_b", str(tmp_path)) == (
+        "pkg/test_m.py::TestA::test_b")
+    assert runner_entry.node_id("gone.mod", "test_c", str(tmp_path)) == "gone.mod::test_c"
+    assert runner_entry.node_id("", "tests/test_x.py", str(tmp_path)) == "tests/test_x.py"

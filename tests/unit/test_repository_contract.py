@@ -21,7 +21,9 @@ from ci_common.models import (
     JobStatus,
     OutputChunk,
     OutputStream,
+    SlowTest,
     TakeOver,
+    TestReport,
     User,
 )
 from ci_common.repository import Repository
@@ -430,6 +432,23 @@ def test_finish_job_once_first_outcome_wins(repo: Repository, user: User) -> Non
     assert [e.kind for e in events].count(EventKind.END) == 1
     assert EndData.model_validate_json(events[-1].text).to_outcome() == TIMED_OUT
     assert repo.list_controller_jobs(CTRL) == []
+
+
+def test_finish_job_stores_the_test_report_on_the_job_and_its_end_event(
+        repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    report = TestReport(passed=40, failed=2, errors=1, skipped=3, duration_s=3.25,
+                        failing=("tests/t.py::test_a", "tests/t.py::TestB::test_c ✓"),
+                        slowest=(SlowTest("tests/t.py::test_slow", 1.5),))
+    outcome = JobOutcome(JobStatus.COMPLETED, 1, False, None, report=report)
+    done = repo.finish_job(job.id, outcome, datetime.now(UTC), fence=owner_fence(repo, job.id))
+    assert done.report == report == repo.get_job(job.id).report
+    assert repo.list_jobs(user.id)[0].report == report
+    end = EndData.model_validate_json(repo.list_events(job.id)[-1].text)
+    assert end.to_outcome() == outcome
+    plain = running_job(repo, user)
+    assert repo.finish_job(plain.id, PASSED, datetime.now(UTC),
+                           fence=owner_fence(repo, plain.id)).report is None
 
 
 def test_finish_job_refuses_a_non_terminal_outcome(repo: Repository, user: User) -> None:

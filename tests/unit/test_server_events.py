@@ -59,7 +59,7 @@ def test_replay_from_start_of_a_finished_job(server: Server) -> None:
     assert events[2].json == {"stream": "stdout", "text": "line 1\n"}
     assert events[3].json == {"stream": "stdout", "text": "line 2\nline 3\n"}
     assert events[4].json == {"status": "completed", "exit_code": 0, "success": True,
-                              "reason": None}
+                              "reason": None, "report": None}
 
 
 def test_default_is_since_start(server: Server) -> None:
@@ -111,7 +111,7 @@ def test_cancelled_job_ends_with_its_reason(server: Server) -> None:
     events = read_stream(server.client, url(job_id, "since=now"), server.alice.headers)
     assert [e.event for e in events] == ["end"]
     assert events[0].json == {"status": "cancelled", "exit_code": None, "success": False,
-                              "reason": "cancelled by user"}
+                              "reason": "cancelled by user", "report": None}
 
 
 # ----------------------------------------------------------------------------- Last-Event-ID
@@ -238,7 +238,7 @@ def test_queued_job_streams_running_then_output(server: Server) -> None:
         events = until_end(stream)
     assert [e.event for e in events] == ["status", "status", "output", "end"]
     assert events[-1].json == {"status": "failed", "exit_code": None, "success": False,
-                               "reason": "timed out"}
+                               "reason": "timed out", "report": None}
 
 
 def test_reconnect_with_last_event_id_misses_nothing(server: Server) -> None:
