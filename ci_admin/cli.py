@@ -8,6 +8,7 @@
                                      key list [--email E | --user-id ID] [--json]
                                      key revoke KEY_ID
                                      controller list [--json]
+                                     jobs prune [--older-than AGE] [--dry-run]
 
 The entry point builds `Settings` from `--db-path` / `CI_DB_PATH` and opens the repository on
 first use (so `--help` never touches the database). Tests inject a repository instead:
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import click
 
 from ci_admin import actions, render
+from ci_common import retention
 from ci_common.models import utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
@@ -257,6 +260,33 @@ def controller_list(state: AdminState, as_json: bool) -> None:
         click.echo(render.json_list([render.controller_json(c, now) for c in leases]))
     else:
         click.echo(render.controllers_table(leases, now))
+
+
+@cli.group()
+def jobs() -> None:
+    """Maintain jobs: retention."""
+
+
+@jobs.command("prune")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Finished longer ago than this: 30d, 12h, 90m, 2w (default: "
+                   "CI_RETENTION_DAYS days).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.pass_obj
+def jobs_prune(state: AdminState, older_than: str | None, dry_run: bool) -> None:
+    """Remove the output and archives of jobs that finished long ago (the jobs stay listed)."""
+    if older_than is not None:
+        age = retention.parse_age(older_than)
+    elif state.settings.retention_days > 0:
+        age = timedelta(days=state.settings.retention_days)
+    else:
+        raise click.UsageError("retention is off (CI_RETENTION_DAYS=0): give --older-than")
+    cutoff = utcnow() - age
+    if dry_run:
+        result = state.repository.prune_jobs(cutoff, dry_run=True)
+    else:
+        result = retention.prune(state.repository, cutoff, max_passes=10**9)
+    click.echo(render.prune_result(result, cutoff, dry_run))
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from ci_admin.actions import ActiveChange, CreatedKey, Revocation
 from ci_common.errors import CIError
-from ci_common.models import ApiKey, ControllerLease, User
+from ci_common.models import ApiKey, ControllerLease, PruneResult, User
+from ci_common.settings import format_size
 
 _COLUMN_GAP = "   "
 
@@ -181,6 +182,18 @@ def controllers_table(leases: Sequence[ControllerLease], now: datetime) -> str:
             for c in leases]
     return table(["CONTROLLER", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "JOBS",
                   "ALIVE"], rows)
+
+
+def prune_result(result: PruneResult, cutoff: datetime, dry_run: bool) -> str:
+    """`jobs prune`: how many jobs lost (or would lose) their output and archive."""
+    before = cutoff.strftime("%Y-%m-%d %H:%M UTC")
+    if result.jobs == 0:
+        return f"No job finished before {before} still has output or an archive."
+    verb = "Would remove" if dry_run else "Removed"
+    plural = "job" if result.jobs == 1 else "jobs"
+    return (f"{verb} the output and archives of {result.jobs} {plural} finished before "
+            f"{before}: {format_size(result.freed_bytes)}"
+            f"{' would be freed' if dry_run else ' freed'}.")
 
 
 def key_revoked(revocation: Revocation) -> str:

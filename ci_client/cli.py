@@ -252,6 +252,11 @@ def logs(ctx: click.Context, job_id: str, tail: int | None) -> None:
     state = ctx.ensure_object(CLIState)
     with state.client(state.config()) as client:
         text = client.get_log(job_id, tail)
+        if not text:
+            job = client.get_job(job_id)
+            if job.pruned_at is not None:
+                _status(f"The output of job {job_id} was removed "
+                        f"{render.format_time(job.pruned_at)} (retention).")
     _write_output(text)
 
 

@@ -128,6 +128,8 @@ def job_details(job: JobView, tz: tzinfo | None = None) -> str:
         ("Ended", format_time(job.end_time, tz)),
         ("Duration", duration(job)),
     ]
+    if job.pruned_at is not None:
+        fields.append(("Output", f"removed {format_time(job.pruned_at, tz)} (retention)"))
     report = job.report
     if report is not None:
         fields.append(("Tests", f"{counts_text(report)} in {report.duration_s:.1f} s"))

@@ -95,6 +95,7 @@ class Job:
     output_bytes: int  # bytes of output currently stored
     dropped_bytes: int  # bytes of output dropped by the log cap (the head is dropped)
     report: TestReport | None = None  # pytest's summary, once the tests ran
+    pruned_at: datetime | None = None  # when retention removed its output and archive
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,14 @@ class ControllerLease:
     def is_alive(self, now: datetime) -> bool:
         """Held by a running controller: not stopped, and a heartbeat within the lease."""
         return not self.stopped and not self.is_expired(now)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What a retention pass removed (or, in a dry run, would remove)."""
+
+    jobs: int  # finished jobs whose output and archive went
+    freed_bytes: int  # their stored output plus their archives
 
 
 @dataclass(frozen=True, slots=True)

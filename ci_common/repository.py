@@ -23,6 +23,7 @@ from ci_common.models import (
     JobEvent,
     JobOutcome,
     OutputChunk,
+    PruneResult,
     StoredKey,
     TakeOver,
     User,
@@ -114,7 +115,17 @@ class Repository(Protocol):
         """
 
     def get_archive(self, job_id: str) -> bytes:
-        """The uploaded zip. Raises NotFound."""
+        """The uploaded zip. Raises NotFound (also once retention removed it)."""
+
+    def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
+                   limit: int = 500) -> PruneResult:
+        """Retention: remove the output events and archives of up to `limit` finished jobs
+        that ended before `finished_before` and were not pruned yet, oldest first; atomic.
+
+        The job rows stay (status, times, result, report, their STATUS and END events) and
+        get pruned_at. Callers loop until a pass prunes nothing. With dry_run nothing changes
+        and the result counts every such job (no limit).
+        """
 
     # ----------------------------------------------------------------- jobs (controller side)
     # Every write a controller makes for a job carries its Fence, checked in the write's own

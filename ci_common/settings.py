@@ -59,6 +59,8 @@ class Settings:
     job_cpus: float = field(default=1.0, metadata={"env": "CI_JOB_CPUS"})
     log_limit_bytes: int = field(default=10 * 1024**2, metadata={"env": "CI_LOG_LIMIT"})
     cancel_grace_s: float = field(default=10.0, metadata={"env": "CI_CANCEL_GRACE"})
+    # Finished jobs older than this lose their output and archive (0: keep them forever).
+    retention_days: float = field(default=30.0, metadata={"env": "CI_RETENTION_DAYS"})
 
     # --- server: what it accepts ---
     max_upload_bytes: int = field(default=50 * 1024**2, metadata={"env": "CI_MAX_UPLOAD"})

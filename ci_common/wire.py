@@ -66,12 +66,15 @@ class JobView(BaseModel):
     start_time: datetime | None
     end_time: datetime | None
     report: ReportData | None = None
+    pruned_at: datetime | None = Field(
+        default=None, description="when retention removed the job's output and archive")
 
     @classmethod
     def from_job(cls, job: Job) -> JobView:
         return cls(id=job.id, status=job.status, success=job.success, exit_code=job.exit_code,
                    reason=job.reason, created_at=job.created_at, start_time=job.start_time,
-                   end_time=job.end_time, report=ReportData.from_report(job.report))
+                   end_time=job.end_time, report=ReportData.from_report(job.report),
+                   pruned_at=job.pruned_at)
 
 
 class JobList(BaseModel):

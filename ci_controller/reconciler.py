@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ci_common import retention
 from ci_common.errors import CIError, LeaseLost, NotFound, RuntimeUnavailable
 from ci_common.models import Fence, Job, JobOutcome, JobStatus, TakeOver, utcnow
 from ci_common.repository import Repository
@@ -70,6 +71,7 @@ class Controller:
         self._engine_report_at = 0.0  # the next error line is due then
         self._engine_retry_at = 0.0  # the next probe of the engine is due then
         self._stopping = False
+        self._prune_at = 0.0  # monotonic time of the next retention pass
         # claim → container started, for the most recent fresh starts (tests, diagnostics)
         self.start_latencies_s: deque[float] = deque(maxlen=100)
 
@@ -128,6 +130,7 @@ class Controller:
                     self._retry_at[job.id] = now + RETRY_AFTER_ERROR_S
             if full:
                 did_work = self._sweep(containers, {job.id for job in jobs}) or did_work
+        self._retention(now)
         return self._claim() or did_work
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -286,6 +289,15 @@ class Controller:
                 log.info("leaving container %s alone: it has no installation label and its job "
                          "is not a running job of this installation", container.id[:12])
         return found
+
+    def _retention(self, now: float) -> None:
+        """Prune old finished jobs about once an hour (see retention.py)."""
+        if now < self._prune_at:
+            return
+        self._prune_at = now + retention.EVERY_S
+        cutoff = retention.prune_before(utcnow(), self.settings.retention_days)
+        if cutoff is not None:
+            retention.prune(self.repository, cutoff)
 
     def _take_over_gone(self) -> bool:
         """Take over the jobs of controllers whose lease expired (see takeover.py)."""

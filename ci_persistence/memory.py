@@ -25,6 +25,7 @@ from ci_common.models import (
     JobStatus,
     OutputChunk,
     OutputStream,
+    PruneResult,
     StoredKey,
     TakeOver,
     User,
@@ -254,6 +255,33 @@ class InMemoryRepository:
                 return self._archives[job_id]
             except KeyError:
                 raise NotFound(f"archive of job {job_id} not found") from None
+
+    def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
+                   limit: int = 500) -> PruneResult:
+        """Remove the output and archives of finished jobs that ended before the cutoff."""
+        cutoff = as_utc(finished_before)
+        with self._lock:
+            due = sorted((job for job in self._jobs.values()
+                          if job.pruned_at is None and job.end_time is not None
+                          and job.end_time < cutoff), key=lambda job: job.end_time or cutoff)
+            if not dry_run:
+                due = due[:max(limit, 0)]
+            freed = sum(job.output_bytes + job.archive_size for job in due)
+            if dry_run or not due:
+                return PruneResult(jobs=len(due), freed_bytes=freed)
+            now = utcnow()
+            for job in due:
+                self._archives.pop(job.id, None)
+                kept = []
+                for event_id in self._job_event_ids.get(job.id, []):
+                    if self._events[event_id].event.kind is EventKind.OUTPUT:
+                        del self._events[event_id]
+                    else:
+                        kept.append(event_id)
+                self._job_event_ids[job.id] = kept
+                self._jobs[job.id] = replace(job, pruned_at=now, output_bytes=0)
+            self._changed()
+            return PruneResult(jobs=len(due), freed_bytes=freed)
 
     # ----------------------------------------------------------------- jobs (controller side)
     def claim_next_job(self, fence: Fence) -> Job | None:

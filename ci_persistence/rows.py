@@ -21,7 +21,7 @@ from ci_persistence.timefmt import from_text, opt_from_text
 JOB_COLUMNS = (
     "id, user_id, status, created_at, start_time, end_time, exit_code, success, reason, "
     "timeout_seconds, archive_size, controller_id, container_id, cancel_requested, log_cursor, "
-    "output_bytes, dropped_bytes, report"
+    "output_bytes, dropped_bytes, report, pruned_at"
 )
 EVENT_COLUMNS = "job_id, seq, kind, stream, text, created_at"
 USER_COLUMNS = "id, name, email, is_active, created_at"
@@ -83,6 +83,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         output_bytes=row["output_bytes"],
         dropped_bytes=row["dropped_bytes"],
         report=report_from_text(row["report"]),
+        pruned_at=opt_from_text(row["pruned_at"]),
     )
 
 

@@ -24,6 +24,7 @@ from ci_common.models import (
     JobStatus,
     OutputChunk,
     OutputStream,
+    PruneResult,
     StoredKey,
     TakeOver,
     User,
@@ -256,6 +257,30 @@ class SqliteRepository:
         if not rows:
             raise NotFound(f"archive of job {job_id} not found")
         return bytes(rows[0][0])
+
+    def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
+                   limit: int = 500) -> PruneResult:
+        """Remove the output and archives of finished jobs that ended before the cutoff."""
+        # The WHERE matches the jobs_prunable partial index, so old pruned jobs cost nothing.
+        where = "pruned_at IS NULL AND end_time IS NOT NULL AND end_time < ?"
+        cutoff = to_text(finished_before)
+        if dry_run:
+            row = self._db.query("SELECT count(*), coalesce(sum(output_bytes + archive_size), 0) "
+                                 f"FROM jobs WHERE {where}", (cutoff,))[0]
+            return PruneResult(jobs=int(row[0]), freed_bytes=int(row[1]))
+        with self._db.write() as conn:
+            rows = conn.execute(f"SELECT id, output_bytes + archive_size FROM jobs WHERE {where} "
+                                "ORDER BY end_time LIMIT ?", (cutoff, max(limit, 0))).fetchall()
+            ids = [row[0] for row in rows]
+            if not ids:
+                return PruneResult(jobs=0, freed_bytes=0)
+            marks = ", ".join("?" * len(ids))
+            conn.execute(f"DELETE FROM job_events WHERE kind = 'output' AND job_id IN ({marks})",
+                         ids)
+            conn.execute(f"DELETE FROM job_archives WHERE job_id IN ({marks})", ids)
+            conn.execute(f"UPDATE jobs SET pruned_at = ?, output_bytes = 0, marker_seq = NULL "
+                         f"WHERE id IN ({marks})", [to_text(utcnow()), *ids])
+            return PruneResult(jobs=len(ids), freed_bytes=sum(int(row[1]) for row in rows))
 
     # ----------------------------------------------------------------- jobs (controller side)
     def claim_next_job(self, fence: Fence) -> Job | None:

@@ -16,8 +16,10 @@ from ci_admin import actions, render
 from ci_admin.cli import cli
 from ci_common.errors import AuthenticationError, InvalidInput
 from ci_common.keys import choose_key, display_prefix, hash_key
-from ci_common.models import StoredKey, User
+from ci_common.models import JobOutcome, JobStatus, StoredKey, User, utcnow
+from ci_common.retention import parse_age
 from ci_persistence.memory import InMemoryRepository
+from tests.leases import hold_lease
 
 USER_FIELDS = {"id", "name", "email", "is_active", "created_at"}
 KEY_FIELDS = {"id", "name", "prefix", "user_id", "user_email", "is_active", "created_at",
@@ -430,3 +432,40 @@ def test_controller_list_shows_heartbeat_age_jobs_and_liveness(repo: InMemoryRep
     assert [(r["id"], r["alive"], r["running_jobs"]) for r in rows] == [
         ("ctl-gone", False, 0), ("ctl-live", True, 0), ("ctl-stopped", False, 0)]
     assert live.token not in json.dumps(rows)
+
+
+# ----------------------------------------------------------------------------- retention
+def test_jobs_prune_dry_run_then_prune_then_nothing_left(repo: InMemoryRepository) -> None:
+    user = repo.create_user("Ada", "ada@example.com")
+    old, recent = (repo.create_job(user.id, b"z" * 1000, None) for _ in range(2))
+    fence = hold_lease(repo, "ctl")
+    for job, age in ((old, timedelta(days=40)), (recent, timedelta(days=1))):
+        assert repo.claim_next_job(fence) is not None
+        repo.finish_job(job.id, JobOutcome(JobStatus.CANCELLED, None, False, "cancelled by user"),
+                        utcnow() - age, fence=fence)
+    dry = ok(repo, "jobs", "prune", "--dry-run").stdout
+    assert dry.startswith("Would remove the output and archives of 1 job finished before ")
+    assert dry.rstrip().endswith("1000 B would be freed.")
+    assert repo.get_job(old.id).pruned_at is None
+    done = ok(repo, "jobs", "prune").stdout  # CI_RETENTION_DAYS: 30 by default
+    assert done.startswith("Removed the output and archives of 1 job") and "1000 B freed" in done
+    assert repo.get_job(old.id).pruned_at is not None and repo.get_job(recent.id).pruned_at is None
+    assert ok(repo, "jobs", "prune", "--older-than", "12h").stdout.startswith("Removed")
+    assert ok(repo, "jobs", "prune", "--older-than", "1h").stdout.startswith("No job finished")
+
+
+def test_jobs_prune_refuses_a_bad_age_in_one_line(repo: InMemoryRepository) -> None:
+    result = invoke(repo, "jobs", "prune", "--older-than", "soon")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: not an age: 'soon' (use e.g. 30d, 12h, 90m)\n"
+
+
+def test_ages_read_like_people_write_them() -> None:
+    assert parse_age("30d") == parse_age("30") == timedelta(days=30)
+    assert parse_age("12h") == timedelta(hours=12)
+    assert parse_age(" 90m ") == timedelta(minutes=90)
+    assert parse_age("2w") == timedelta(weeks=2)
+    assert parse_age("1.5h") == timedelta(minutes=90)
+    for bad in ("", "d", "-1d", "3y", "1e9999d"):
+        with pytest.raises(InvalidInput):
+            parse_age(bad)

@@ -17,6 +17,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -384,7 +385,7 @@ def test_list_json_and_limit(service: Service) -> None:
     payload = json.loads(result.stdout)
     assert [job["id"] for job in payload] == ids[::-1][:2]
     assert set(payload[0]) == {"id", "status", "success", "exit_code", "reason", "created_at",
-                               "start_time", "end_time", "report"}
+                               "start_time", "end_time", "report", "pruned_at"}
     assert payload[0]["success"] is True and payload[0]["exit_code"] == 0
     assert result.stderr == ""
     table = service.run("list", "--limit", "2")
@@ -551,3 +552,12 @@ def test_submit_and_wait_end_with_the_test_summary_and_failing_tests(service: Se
     listed = json.loads(service.run("list", "--json").stdout)
     assert listed[0]["report"]["failed"] == 2
     assert "2 failed, 40 passed, 1 skipped" in service.run("list").stdout
+
+
+def test_logs_and_show_of_a_pruned_job_say_the_output_was_removed(service: Service) -> None:
+    job_id = service.job(chunks=["gone soon\n"], outcome=PASSED)
+    assert service.repo.prune_jobs(utcnow() + timedelta(seconds=1)).jobs == 1
+    logs = service.run("logs", job_id)
+    assert logs.exit_code == 0 and logs.stdout == ""
+    assert logs.stderr.startswith(f"The output of job {job_id} was removed ")
+    assert "(retention)" in service.run("show", job_id).stdout

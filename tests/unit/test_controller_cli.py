@@ -57,9 +57,16 @@ def test_engine_down_then_sigterm_is_a_clean_warm_stop(tmp_path: Path) -> None:
          "--interval", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=controller_env(tmp_path))
     try:
+        # The signal handler exists once it runs (a loaded machine takes a while to import).
+        assert proc.stderr is not None
+        started = [proc.stderr.readline()]
+        while "running up to" not in started[-1]:
+            assert started[-1], "the controller exited before it started"
+            started.append(proc.stderr.readline())
         time.sleep(1.5)  # several retry windows' worth of reconcile loops
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
+        _, rest = proc.communicate(timeout=15)
+        stderr = "".join(started) + rest
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 
@@ -17,9 +18,11 @@ from ci_common.models import (
     Fence,
     Job,
     JobEvent,
+    JobOutcome,
     JobStatus,
     OutputChunk,
     OutputStream,
+    utcnow,
 )
 from ci_common.settings import Settings
 from ci_controller.fake_runtime import FakeRuntime, FakeScript, runner_frames
@@ -699,3 +702,21 @@ def test_an_unlabelled_container_of_an_unknown_job_is_left_alone_and_logged_once
     assert stranger not in runtime.removed
     assert runtime.containers[stranger].signals == []
     assert sum("no installation label" in r.getMessage() for r in caplog.records) == 1
+
+
+# ----------------------------------------------------------------------------- retention
+def test_the_controller_prunes_jobs_older_than_the_retention(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    old, recent = submit(repo), submit(repo, "b@example.com")
+    fence = hold_lease(repo, "ctl-1")
+    for job, age_days in ((old, 31), (recent, 29)):
+        assert repo.claim_next_job(fence) is not None
+        repo.finish_job(job.id, JobOutcome(JobStatus.CANCELLED, None, False, "cancelled by user"),
+                        utcnow() - timedelta(days=age_days), fence=fence)
+    off = make_controller(repo, runtime, controllers, retention_days=0.0)
+    off.run_once()
+    assert repo.get_job(old.id).pruned_at is None  # retention off: kept forever
+    controller = make_controller(repo, runtime, controllers)  # the default: 30 days
+    controller.run_once()
+    assert repo.get_job(old.id).pruned_at is not None
+    assert repo.get_job(recent.id).pruned_at is None

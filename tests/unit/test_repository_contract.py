@@ -21,6 +21,7 @@ from ci_common.models import (
     JobStatus,
     OutputChunk,
     OutputStream,
+    PruneResult,
     SlowTest,
     TakeOver,
     TestReport,
@@ -775,3 +776,44 @@ def test_take_over_only_of_an_expired_lease_as_it_was_seen(repo: Repository,
     first = repo.take_over(restarted, taker.fence, True, much_later)
     assert first is not None and len(first.adopted) == 1
     assert repo.take_over(restarted, taker.fence, True, much_later) is None  # once
+
+
+# --------------------------------------------------------------------------- retention
+def test_prune_removes_old_finished_jobs_output_and_archive_and_keeps_the_rest(
+        repo: Repository, user: User) -> None:
+    old, recent, running = (running_job(repo, user) for _ in range(3))
+    for job in (old, recent, running):
+        repo.append_output(job.id, [out("é" * 10), out("line\n")], 2,
+                           fence=owner_fence(repo, job.id))
+    repo.finish_job(old.id, PASSED, T0, fence=owner_fence(repo, old.id))
+    repo.finish_job(recent.id, PASSED, T0 + timedelta(days=10),
+                    fence=owner_fence(repo, recent.id))
+    cutoff = T0 + timedelta(days=1)
+    expected_bytes = 25 + len(b"zip")  # 20 bytes of é, 5 of "line\n", the archive
+    assert repo.prune_jobs(cutoff, dry_run=True) == PruneResult(jobs=1, freed_bytes=expected_bytes)
+    assert repo.get_archive(old.id) == b"zip"  # a dry run changes nothing
+
+    assert repo.prune_jobs(cutoff) == PruneResult(jobs=1, freed_bytes=expected_bytes)
+    pruned = repo.get_job(old.id)
+    assert pruned.pruned_at is not None and pruned.output_bytes == 0
+    assert (pruned.status, pruned.success) == (JobStatus.COMPLETED, True)
+    with pytest.raises(NotFound):
+        repo.get_archive(old.id)
+    assert [e.kind for e in repo.list_events(old.id)] == [
+        EventKind.STATUS, EventKind.STATUS, EventKind.END]
+    for kept in (recent, running):
+        assert repo.get_archive(kept.id) == b"zip"
+        assert sum(e.kind is EventKind.OUTPUT for e in repo.list_events(kept.id)) == 2
+    assert repo.prune_jobs(cutoff) == PruneResult(jobs=0, freed_bytes=0)  # once
+
+
+def test_prune_goes_oldest_first_in_bounded_passes(repo: Repository, user: User) -> None:
+    jobs = [running_job(repo, user) for _ in range(5)]
+    for i, job in enumerate(jobs):
+        repo.finish_job(job.id, PASSED, T0 + timedelta(hours=5 - i),
+                        fence=owner_fence(repo, job.id))
+    cutoff = T0 + timedelta(days=1)
+    assert repo.prune_jobs(cutoff, limit=2).jobs == 2
+    assert {j.id for j in jobs if repo.get_job(j.id).pruned_at} == {jobs[4].id, jobs[3].id}
+    assert repo.prune_jobs(cutoff, dry_run=True).jobs == 3
+    assert repo.prune_jobs(cutoff, limit=10).jobs == 3

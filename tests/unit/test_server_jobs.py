@@ -211,7 +211,7 @@ def test_get_job(server: Server) -> None:
     assert body["success"] is False and body["exit_code"] == 1
     assert body["start_time"] is not None and body["end_time"] is not None
     assert set(body) == {"id", "status", "success", "exit_code", "reason", "created_at",
-                         "start_time", "end_time", "report"}
+                         "start_time", "end_time", "report", "pruned_at"}
 
 
 def test_missing_job_is_404(server: Server) -> None:
