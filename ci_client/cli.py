@@ -204,15 +204,17 @@ def wait(ctx: click.Context, job_id: str, show_all: bool) -> None:
 
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=50, show_default=True,
               help="How many of the newest jobs to show.")
+@click.option("--status", type=click.Choice([s.value for s in JobStatus]),
+              help="Only jobs in this status.")
 @connection_options
 @click.pass_context
-def list_jobs(ctx: click.Context, as_json: bool, limit: int) -> None:
+def list_jobs(ctx: click.Context, as_json: bool, limit: int, status: str | None) -> None:
     """List your jobs, newest first."""
     state = ctx.ensure_object(CLIState)
     with state.client(state.config()) as client:
-        page = client.list_jobs(limit=limit)
+        page = client.newest_jobs(limit, None if status is None else JobStatus(status))
     if as_json:
         click.echo(render.jobs_json(page.jobs))
         return

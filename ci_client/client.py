@@ -37,7 +37,10 @@ from ci_common.errors import (
     ServerUnreachable,
     TooLarge,
 )
+from ci_common.models import JobStatus
 from ci_common.wire import JobCreated, JobList, JobView
+
+PAGE = 500  # the most jobs the server sends in one page
 
 Since = Literal["start", "now"]
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -123,10 +126,24 @@ class CIClient:
         response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
         return _parse(JobCreated, response)
 
-    def list_jobs(self, limit: int = 50, offset: int = 0) -> JobList:
-        """One page of the caller's jobs, newest first."""
-        response = self._request("GET", "/jobs", params={"limit": limit, "offset": offset})
-        return _parse(JobList, response)
+    def list_jobs(self, limit: int = 50, offset: int = 0,
+                  status: JobStatus | None = None) -> JobList:
+        """One page of the caller's jobs (only those in `status`, if given), newest first."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status is not None:
+            params["status"] = status.value
+        return _parse(JobList, self._request("GET", "/jobs", params=params))
+
+    def newest_jobs(self, count: int, status: JobStatus | None = None) -> JobList:
+        """The caller's newest `count` jobs, fetched a server page (500) at a time."""
+        jobs: list[JobView] = []
+        page = self.list_jobs(limit=min(count, PAGE), status=status)
+        jobs.extend(page.jobs)
+        while len(jobs) < count and len(page.jobs) == page.limit:
+            page = self.list_jobs(limit=min(count - len(jobs), PAGE), offset=len(jobs),
+                                  status=status)
+            jobs.extend(page.jobs)
+        return JobList(jobs=jobs, total=page.total, limit=count, offset=0)
 
     def get_job(self, job_id: str) -> JobView:
         """One job; NotFound when it is missing or someone else's."""

@@ -561,3 +561,18 @@ def test_logs_and_show_of_a_pruned_job_say_the_output_was_removed(service: Servi
     assert logs.exit_code == 0 and logs.stdout == ""
     assert logs.stderr.startswith(f"The output of job {job_id} was removed ")
     assert "(retention)" in service.run("show", job_id).stdout
+
+
+def test_list_pages_through_more_than_one_server_page(service: Service) -> None:
+    for _ in range(1203):
+        service.repo.create_job(service.user_id, b"zip", None)
+    newest = [job.id for job in service.repo.list_jobs(service.user_id, limit=1100)]
+    service.wire.requests.clear()
+    result = service.run("list", "--json", "--limit", "1100")
+    assert result.exit_code == 0, result.stderr
+    assert [job["id"] for job in json.loads(result.stdout)] == newest
+    pages = [r for r in service.wire.requests if r.url.path == "/jobs"]
+    assert [(r.url.params["limit"], r.url.params["offset"]) for r in pages] == [
+        ("500", "0"), ("500", "500"), ("100", "1000")]
+    everything = service.run("list", "--limit", "5000")
+    assert everything.exit_code == 0 and len(everything.stdout.splitlines()) == 2 + 1203
