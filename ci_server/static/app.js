@@ -7,6 +7,7 @@ import { JobView } from "./job.js";
 import { JobsView } from "./jobs.js";
 
 const $ = (id) => document.getElementById(id);
+const LOAD_ERROR = "Could not load: ";
 let shownRoute = null; // the view on screen: "jobs", "job", "missing", or null (sign-in)
 
 const els = {
@@ -22,7 +23,7 @@ const els = {
 const jobs = new JobsView({
   section: $("view-jobs"), body: $("jobs-body"), empty: $("jobs-empty"),
   count: $("jobs-count"), filter: $("status-filter"),
-}, { onError: handleError });
+}, { onError: handleError, onLoaded: clearLoadError });
 
 const job = new JobView({
   section: $("view-job"), id: $("job-id"), status: $("job-status"), start: $("job-start"),
@@ -75,7 +76,12 @@ function handleError(error) {
     return;
   }
   const text = error instanceof ApiError ? error.detail : "the server cannot be reached";
-  showNotice(`Could not load: ${text}`);
+  showNotice(`${LOAD_ERROR}${text}`);
+}
+
+/** A refresh that worked again takes back the error the last one showed. */
+function clearLoadError() {
+  if (els.notice.textContent.startsWith(LOAD_ERROR)) showNotice("");
 }
 
 /** The route in the fragment: {name: "jobs", status} or {name: "job", id}. */

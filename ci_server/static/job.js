@@ -12,6 +12,7 @@ import { durationMs, formatDuration, formatTime, resultLine, TERMINAL } from "./
 
 const TICK_MS = 1000;
 const BOTTOM_SLACK_PX = 4;
+const STAGE = { queued: 0, running: 1, completed: 2, failed: 2, cancelled: 2 };
 const STREAM_STATES = {
   connecting: "connecting…",
   live: "● live",
@@ -87,6 +88,8 @@ export class JobView {
       this.log.write(data.text);
       this.scrollSoon();
     } else if (kind === "status") {
+      // The replay starts with the job's first status: never show a job going backwards.
+      if (STAGE[data.status] <= STAGE[this.job.status]) return;
       this.update({ ...this.job, status: data.status });
       if (data.status === "running" && !this.job.start_time) this.reload();
     } else if (kind === "end") {

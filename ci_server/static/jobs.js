@@ -11,9 +11,10 @@ const PAGE = 100;
 const COLUMNS = ["Job ID", "Status", "Start time", "End time", "Duration", "Success"];
 
 export class JobsView {
-  constructor(els, { onError }) {
+  constructor(els, { onError, onLoaded }) {
     this.els = els; // section, body, empty, count, filter
     this.onError = onError;
+    this.onLoaded = onLoaded;
     this.rows = new Map();
     this.timer = null;
     this.status = "";
@@ -49,6 +50,7 @@ export class JobsView {
     }
     if (generation !== this.generation) return; // navigated away or changed the filter
     this.render(page);
+    this.onLoaded();
   }
 
   render(page) {
@@ -73,7 +75,7 @@ export class JobsView {
     const which = this.status ? `${this.status} ` : "";
     empty.hidden = page.jobs.length > 0;
     empty.textContent = this.status ? `No ${this.status} jobs.`
-      : "No jobs yet. Submit one with `ci submit test`.";
+      : "No jobs yet. Submit one with \"ci submit test\".";
     count.textContent = page.total > page.jobs.length
       ? `newest ${page.jobs.length} of ${page.total} ${which}jobs`
       : `${page.total} ${which}job${page.total === 1 ? "" : "s"}`;

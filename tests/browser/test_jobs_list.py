@@ -115,8 +115,20 @@ def test_list_and_job_page_fit_a_375_px_screen(web: Web, tmp_path: Path,
     fits_width(tab, 375)
     tab.page.screenshot(path=str(artifacts / "jobs-list-375px.png"), full_page=True)
 
+    tab.page.evaluate("""() => {
+        window.__statuses = [];
+        const status = document.getElementById("job-status");
+        new MutationObserver(() => {
+            if (status.textContent && window.__statuses.at(-1) !== status.textContent) {
+                window.__statuses.push(status.textContent);
+            }
+        }).observe(status, { childList: true, characterData: true, subtree: true });
+    }""")
     row.locator("a").click()
     assert tab.wait_for_result() == "✓ Tests passed (exit code 0)"
+    # The replayed history (queued, running, …) never shows a finished job going backwards.
+    tab.page.wait_for_timeout(1500)
+    assert tab.page.evaluate("window.__statuses") == ["completed"]
     expect(tab.page.locator("#job-log")).to_contain_text("1 passed")
     fits_width(tab, 375)
     for button in ("#job-cancel", "#job-download", "#sign-out"):

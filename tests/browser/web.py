@@ -94,7 +94,7 @@ class Tab:
 
     def wait_for_result(self, timeout_s: float = 120) -> str:
         result = self.page.locator("#job-result")
-        expect(result).to_be_visible(timeout=timeout_s * 1000)
+        expect(result).to_have_text(re.compile(r"^[✓✗] "), timeout=timeout_s * 1000)
         return str(result.text_content())
 
     def storage(self) -> dict[str, Any]:
