@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Dialog, expect
 
 from tests.browser.web import Web
 from tests.e2e.harness import PASSING_TEST, write_project
@@ -77,7 +77,12 @@ def test_job_output_is_text_never_markup_and_ansi_colours_render(
     # Without the CSP, so that only the rendering itself stands between the output and a script.
     tab = web.tab(bypass_csp=True)
     dialogs: list[str] = []
-    tab.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    tab.page.on("dialog", on_dialog)
     tab.open()
     tab.sign_in(user.api_key)
     job_id = web.submit(project, user.api_key)
