@@ -22,6 +22,7 @@ from ci_common.models import (
     Job,
     JobEvent,
     JobOutcome,
+    JobStatus,
     OutputChunk,
     PruneResult,
     StoredKey,
@@ -98,11 +99,13 @@ class Repository(Protocol):
     def get_job(self, job_id: str, user_id: str | None = None) -> Job:
         """One job. With user_id, another user's job raises NotFound exactly like a missing one."""
 
-    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
-        """The user's jobs, newest first (created_at, then id, descending)."""
+    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
+                  status: JobStatus | None = None) -> list[Job]:
+        """The user's jobs (only those in `status`, if given), newest first (created_at, then
+        id, descending)."""
 
-    def count_jobs(self, user_id: str) -> int:
-        """How many jobs the user has (for pagination)."""
+    def count_jobs(self, user_id: str, status: JobStatus | None = None) -> int:
+        """How many jobs the user has (only those in `status`, if given), for pagination."""
 
     def request_cancel(self, job_id: str, user_id: str) -> Job:
         """Ask for a job to be cancelled. Atomic with respect to claiming:

@@ -220,17 +220,20 @@ class InMemoryRepository:
             raise NotFound(f"job {job_id} not found")
         return job
 
-    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
-        """The user's jobs, newest first."""
+    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
+                  status: JobStatus | None = None) -> list[Job]:
+        """The user's jobs (in `status`, if given), newest first."""
         with self._lock:
-            jobs = [job for job in self._jobs.values() if job.user_id == user_id]
+            jobs = [job for job in self._jobs.values()
+                    if job.user_id == user_id and status in (None, job.status)]
         jobs.sort(key=lambda job: (job.created_at, job.id), reverse=True)
         return jobs[max(offset, 0):max(offset, 0) + max(limit, 0)]
 
-    def count_jobs(self, user_id: str) -> int:
-        """How many jobs the user has."""
+    def count_jobs(self, user_id: str, status: JobStatus | None = None) -> int:
+        """How many jobs the user has (in `status`, if given)."""
         with self._lock:
-            return sum(1 for job in self._jobs.values() if job.user_id == user_id)
+            return sum(1 for job in self._jobs.values()
+                       if job.user_id == user_id and status in (None, job.status))
 
     def request_cancel(self, job_id: str, user_id: str) -> Job:
         """Cancel a queued unclaimed job at once; flag a claimed or running one."""

@@ -227,18 +227,20 @@ class SqliteRepository:
             raise NotFound(f"job {job_id} not found")
         return job_from_row(rows[0])
 
-    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
-        """The user's jobs, newest first (created_at, then id, descending)."""
+    def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
+                  status: JobStatus | None = None) -> list[Job]:
+        """The user's jobs (in `status`, if given), newest first (created_at, then id)."""
         rows = self._db.query(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id = ? "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id = ? AND (? IS NULL OR status = ?) "
             "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-            (user_id, max(limit, 0), max(offset, 0)))
+            (user_id, status, status, max(limit, 0), max(offset, 0)))
         return [job_from_row(row) for row in rows]
 
-    def count_jobs(self, user_id: str) -> int:
-        """How many jobs the user has."""
-        return int(self._db.query("SELECT count(*) FROM jobs WHERE user_id = ?",
-                                  (user_id,))[0][0])
+    def count_jobs(self, user_id: str, status: JobStatus | None = None) -> int:
+        """How many jobs the user has (in `status`, if given)."""
+        return int(self._db.query(
+            "SELECT count(*) FROM jobs WHERE user_id = ? AND (? IS NULL OR status = ?)",
+            (user_id, status, status))[0][0])
 
     def request_cancel(self, job_id: str, user_id: str) -> Job:
         """Cancel a queued unclaimed job at once; flag a claimed or running one; atomic."""

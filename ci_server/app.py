@@ -24,6 +24,7 @@ from ci_server.ratelimit import FailureLimiter
 from ci_server.relay import EventRelay
 from ci_server.routes import router
 from ci_server.state import ServerState
+from ci_server.web import install_web
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
     app.state.ci = state
     install_error_handlers(app)
     app.include_router(router)
+    install_web(app)
     return app
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from ci_common.models import Job
+from ci_common.models import Job, JobStatus
 from ci_common.repository import Repository
 from ci_common.wire import ErrorBody, JobCreated, JobList, JobView
 from ci_server.archive import ArchiveLimits, validate_archive
@@ -99,10 +99,12 @@ def list_jobs(
     repository: RepositoryDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
 ) -> JobList:
-    jobs = repository.list_jobs(user.id, limit=limit, offset=offset)
+    jobs = repository.list_jobs(user.id, limit=limit, offset=offset, status=status)
     return JobList(jobs=[JobView.from_job(job) for job in jobs],
-                   total=repository.count_jobs(user.id), limit=limit, offset=offset)
+                   total=repository.count_jobs(user.id, status=status), limit=limit,
+                   offset=offset)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="One job",

@@ -286,6 +286,24 @@ def test_list_and_count_jobs_newest_first(repo: Repository, user: User) -> None:
     assert repo.count_jobs(str(uuid.uuid4())) == 0
 
 
+def test_list_and_count_jobs_of_one_status(repo: Repository, user: User) -> None:
+    other = repo.create_user("Bob", "bob@example.com")
+    first, second, third = new_jobs(repo, user, 3)
+    repo.request_cancel(first.id, user.id)
+    repo.request_cancel(third.id, user.id)
+    repo.request_cancel(repo.create_job(other.id, b"zip", None).id, other.id)
+    cancelled = repo.list_jobs(user.id, status=JobStatus.CANCELLED)
+    assert [job.id for job in cancelled] == [third.id, first.id]
+    assert [job.id for job in repo.list_jobs(user.id, limit=1, offset=1,
+                                             status=JobStatus.CANCELLED)] == [first.id]
+    assert [job.id for job in repo.list_jobs(user.id, status=JobStatus.QUEUED)] == [second.id]
+    assert repo.list_jobs(user.id, status=JobStatus.RUNNING) == []
+    assert repo.count_jobs(user.id, status=JobStatus.CANCELLED) == 2
+    assert repo.count_jobs(user.id, status=JobStatus.QUEUED) == 1
+    assert repo.count_jobs(user.id, status=JobStatus.FAILED) == 0
+    assert repo.count_jobs(user.id) == 3
+
+
 # --------------------------------------------------------------------------- cancel
 def test_cancel_queued_unclaimed_job_finishes_it_at_once(repo: Repository, user: User) -> None:
     job = repo.create_job(user.id, b"zip", None)

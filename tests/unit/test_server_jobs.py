@@ -192,7 +192,21 @@ def test_list_pages(server: Server) -> None:
     assert (page["total"], page["limit"], page["offset"]) == (5, 2, 1)
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=ten"])
+def test_list_filters_by_status(server: Server) -> None:
+    done, waiting = server.submit(), server.submit()
+    server.run(done, "hello\n")
+    server.finish(done, exit_code=0)
+    server.submit(server.bob)
+    completed = server.client.get("/jobs?status=completed", headers=server.alice.headers).json()
+    assert [job["id"] for job in completed["jobs"]] == [done]
+    assert completed["total"] == 1
+    queued = server.client.get("/jobs?status=queued", headers=server.alice.headers).json()
+    assert [job["id"] for job in queued["jobs"]] == [waiting]
+    assert queued["total"] == 1
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=ten",
+                                   "status=passed"])
 def test_list_validates_paging(server: Server, query: str) -> None:
     response = server.client.get(f"/jobs?{query}", headers=server.alice.headers)
     assert response.status_code == 422
@@ -276,7 +290,8 @@ def test_unknown_route_and_method_answer_one_line_json(server: Server) -> None:
 
 def test_unexpected_errors_are_a_one_line_500() -> None:
     class Broken(InMemoryRepository):
-        def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0) -> list[Job]:
+        def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
+                      status: JobStatus | None = None) -> list[Job]:
             raise ZeroDivisionError("boom")
 
     repo = Broken()
