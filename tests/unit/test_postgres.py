@@ -20,9 +20,10 @@ import pytest
 from ci_common.errors import DatabaseUnavailable, LeaseLost
 from ci_common.models import EventKind, JobEvent, JobOutcome, JobStatus, OutputChunk, OutputStream
 from ci_common.settings import Settings
-from ci_persistence import PostgresRepository, open_repository
+from ci_persistence import open_repository
 from ci_persistence.pg_connection import CHANGES_CHANNEL
 from ci_persistence.pg_migrate import postgres_migrations
+from ci_persistence.postgres import PostgresRepository
 from tests.leases import hold_lease
 from tests.postgres import PostgresServer, free_port
 

@@ -27,8 +27,9 @@ from ci_common.models import (
 from ci_common.repository import Repository
 from ci_common.settings import format_size
 from ci_common.wire import EndData
-from ci_persistence import InMemoryRepository, PostgresRepository, SqliteRepository
+from ci_persistence import InMemoryRepository, SqliteRepository
 from ci_persistence.migrate import load_migrations
+from ci_persistence.postgres import PostgresRepository
 from tests.leases import hold_lease, owner_fence
 
 CTRL = "controller-1"
