@@ -73,6 +73,7 @@ from ci_persistence.rows import (
     lease_from_row,
     user_from_row,
 )
+from ci_persistence.timefmt import as_utc
 
 _ACTIVE = "('queued', 'running')"  # claimed-or-running jobs are in one of these states
 _CAP_BATCH = 500  # oldest OUTPUT events read per step while planning a log-cap drop
@@ -233,7 +234,7 @@ class PostgresRepository:
     def touch_api_key(self, key_id: str, when: datetime) -> None:
         """Record a successful use (last_used_at). Unknown ids are ignored."""
         self._db.write(lambda cur: cur.execute(
-            "UPDATE api_keys SET last_used_at = %s WHERE id = %s", (when, key_id)))
+            "UPDATE api_keys SET last_used_at = %s WHERE id = %s", (as_utc(when), key_id)))
 
     # ----------------------------------------------------------------- jobs (server side)
     def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None) -> Job:
@@ -328,7 +329,8 @@ class PostgresRepository:
                             (container_id, job_id))
             else:
                 cur.execute("UPDATE jobs SET status = 'running', container_id = %s, "
-                            "start_time = %s WHERE id = %s", (container_id, start_time, job_id))
+                            "start_time = %s WHERE id = %s",
+                            (container_id, as_utc(start_time), job_id))
                 _append_event(cur, job_id, EventKind.STATUS, JobStatus.RUNNING.value)
             return _load_job(cur, job_id)
 
@@ -434,7 +436,8 @@ class PostgresRepository:
                 "token = excluded.token, started_at = excluded.started_at, "
                 "heartbeat_at = excluded.heartbeat_at, stopped = FALSE, engine_id = '', "
                 "lease_s = excluded.lease_s",
-                (controller_id, host, pid, version, uuid.uuid4().hex, now, now, lease_s))
+                (controller_id, host, pid, version, uuid.uuid4().hex, as_utc(now), as_utc(now),
+                 lease_s))
             return lease_from_row(_one(cur, f"{LEASE_SELECT} WHERE c.id = %s", (controller_id,)))
 
         return self._db.write(work)
@@ -443,14 +446,14 @@ class PostgresRepository:
         """Heartbeat; False when the lease is no longer held with this token."""
         rows = self._db.write(lambda cur: cur.execute(
             "UPDATE controllers SET heartbeat_at = %s WHERE id = %s AND token = %s "
-            "AND NOT stopped RETURNING id", (now, controller_id, token)).fetchall())
+            "AND NOT stopped RETURNING id", (as_utc(now), controller_id, token)).fetchall())
         return bool(rows)
 
     def release_lease(self, controller_id: str, token: str, now: datetime) -> None:
         """Mark the lease stopped (graceful stop)."""
         self._db.write(lambda cur: cur.execute(
             "UPDATE controllers SET stopped = TRUE, heartbeat_at = %s WHERE id = %s "
-            "AND token = %s", (now, controller_id, token)))
+            "AND token = %s", (as_utc(now), controller_id, token)))
 
     def record_engine(self, fence: Fence, engine_id: str) -> None:
         """Note the engine this holder runs containers on; LeaseLost if no longer held."""
@@ -591,8 +594,8 @@ def _finish(cur: Cursor, job_id: str, outcome: JobOutcome, end_time: datetime) -
     cur.execute(
         "UPDATE jobs SET status = %s, exit_code = %s, success = %s, reason = %s, end_time = %s "
         "WHERE id = %s",
-        (outcome.status.value, outcome.exit_code, outcome.success, outcome.reason, end_time,
-         job_id))
+        (outcome.status.value, outcome.exit_code, outcome.success, outcome.reason,
+         as_utc(end_time), job_id))
     _append_event(cur, job_id, EventKind.END, end_event_text(outcome))
 
 
