@@ -1,6 +1,6 @@
 """The `ci-admin` command: users and API keys, straight against the service's database.
 
-    ci-admin [--db-path P] [--debug] user create --name N --email E
+    ci-admin [--db-path P | --database-url U] [--debug] user create --name N --email E
                                      user list [--json]
                                      user get (--email E | ID) [--json]
                                      user activate ID | user deactivate ID
@@ -10,7 +10,8 @@
                                      controller list [--json]
                                      jobs prune [--older-than AGE] [--dry-run]
 
-The entry point builds `Settings` from `--db-path` / `CI_DB_PATH` and opens the repository on
+The entry point builds `Settings` from `--db-path` / `CI_DB_PATH` (SQLite) or `--database-url` /
+`CI_DATABASE_URL` (PostgreSQL, which wins when both are given) and opens the repository on
 first use (so `--help` never touches the database). Tests inject a repository instead:
 `CliRunner().invoke(cli, args, obj=repository)`; an injected repository is not closed.
 
@@ -39,13 +40,13 @@ from ci_persistence import open_repository
 class AdminState:
     """What the commands share through `ctx.obj`: the repository, opened on first use."""
 
-    def __init__(self, opener: Callable[[], Repository], db_path: str | None,
+    def __init__(self, opener: Callable[[], Repository], database: str | None,
                  *, owned: bool = True, settings: Settings | None = None) -> None:
         self._opener = opener
         self.settings = settings or Settings.from_env({})
         self._repository: Repository | None = None
         self._owned = owned
-        self.db_path = db_path
+        self.database = database  # for messages: the file, or the URL without its password
 
     @classmethod
     def injected(cls, repository: Repository) -> AdminState:
@@ -89,7 +90,7 @@ class _AdminGroup(click.Group):
             raise
         except Exception as exc:
             state = ctx.obj if isinstance(ctx.obj, AdminState) else None
-            message, exit_code = render.describe_error(exc, state.db_path if state else None)
+            message, exit_code = render.describe_error(exc, state.database if state else None)
             if ctx.params.get("debug"):
                 traceback.print_exc()
             raise _Failure(message, exit_code) from exc
@@ -99,17 +100,22 @@ class _AdminGroup(click.Group):
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db-path", type=click.Path(dir_okay=False), envvar="CI_DB_PATH",
               show_envvar=True, help="SQLite database file.  [default: ci_jobs.db]")
+@click.option("--database-url", envvar="CI_DATABASE_URL", show_envvar=True,
+              help="PostgreSQL instead of SQLite: postgresql://user@host:port/db "
+                   "(wins over --db-path).")
 @click.option("--debug", is_flag=True, help="Print a traceback with any error.")
 @click.pass_context
-def cli(ctx: click.Context, db_path: str | None, debug: bool) -> None:
+def cli(ctx: click.Context, db_path: str | None, database_url: str | None,
+        debug: bool) -> None:
     """Manage the CI service's users and API keys (run on the database host)."""
     if isinstance(ctx.obj, AdminState):
         return
     if ctx.obj is not None:
         ctx.obj = AdminState.injected(ctx.obj)
         return
-    settings = Settings.from_env(db_path=db_path)
-    state = AdminState(lambda: open_repository(settings), settings.db_path, settings=settings)
+    settings = Settings.from_env(db_path=db_path, database_url=database_url)
+    state = AdminState(lambda: open_repository(settings), settings.database_shown(),
+                       settings=settings)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

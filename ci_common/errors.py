@@ -14,7 +14,9 @@
     ├── ServerError              the server answered with an unexpected error
     ├── RuntimeUnavailable       the container engine does not answer (controller retries)
     ├── ControllerIdInUse        a live controller already holds this CI_CONTROLLER_ID
-    └── LeaseLost                a controller's write was refused: its lease was taken over
+    ├── LeaseLost                a controller's write was refused: its lease was taken over
+    └── DatabaseError            the database failed a request (PostgreSQL; never the password)
+        └── DatabaseUnavailable  the database cannot be reached (down, refused, timed out)
 
 Each CLI catches CIError in one place and prints `Error: <message>` to stderr.
 """
@@ -88,3 +90,11 @@ class ControllerIdInUse(CIError):
 
 class LeaseLost(CIError):
     default_message = "this controller's lease was taken over by another controller"
+
+
+class DatabaseError(CIError):
+    default_message = "the database failed the request"
+
+
+class DatabaseUnavailable(DatabaseError):
+    default_message = "cannot reach the database"

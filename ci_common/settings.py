@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ci_common.dburl import redact_url
 from ci_common.errors import InvalidInput
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
@@ -42,6 +43,10 @@ class Settings:
     """Everything configurable, with its environment variable in `metadata['env']`."""
 
     db_path: str = field(default="ci_jobs.db", metadata={"env": "CI_DB_PATH"})
+    # PostgreSQL (postgresql://user@host:port/db); when set it wins over db_path. Never in a
+    # repr or a message as is: it may hold a password (show it with database_shown()).
+    database_url: str | None = field(default=None, repr=False,
+                                     metadata={"env": "CI_DATABASE_URL"})
 
     # --- controller: which engine image, and how it runs jobs ---
     runner_image: str = field(default="python:3.12-slim", metadata={"env": "CI_RUNNER_IMAGE"})
@@ -88,6 +93,10 @@ class Settings:
             values[f.name] = _convert(f.name, f.type, raw, f.metadata["env"])
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    def database_shown(self) -> str:
+        """Where the database is, for messages: the URL without its password, or the file."""
+        return redact_url(self.database_url) if self.database_url else self.db_path
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

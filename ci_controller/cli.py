@@ -38,6 +38,7 @@ def _configure_logging(debug: bool) -> None:
 
 
 def _open_repository(settings: Settings) -> Repository:
+    # PostgreSQL's failures arrive as CIError already, naming the URL without its password.
     try:
         return open_repository(settings)
     except sqlite3.Error as exc:
@@ -68,13 +69,16 @@ def run(settings: Settings, stop: threading.Event) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db-path", type=str, default=None,
               help="SQLite database file (CI_DB_PATH; default ci_jobs.db).")
+@click.option("--database-url", type=str, default=None,
+              help="PostgreSQL instead of SQLite: postgresql://user@host:port/db "
+                   "(CI_DATABASE_URL; wins over --db-path).")
 @click.option("--interval", type=float, default=None,
               help="Seconds between full reconciles (CI_RECONCILE_INTERVAL; default 2.0).")
 @click.option("--max-jobs", type=click.IntRange(min=1), default=None,
               help="Jobs run at the same time (CI_MAX_CONCURRENT_JOBS; default 4).")
 @click.option("--debug", is_flag=True, help="Verbose logs, and tracebacks on errors.")
-def command(db_path: str | None, interval: float | None, max_jobs: int | None,
-            debug: bool) -> None:
+def command(db_path: str | None, database_url: str | None, interval: float | None,
+            max_jobs: int | None, debug: bool) -> None:
     """Run queued CI jobs in Docker containers until stopped (SIGTERM or Ctrl-C)."""
     _configure_logging(debug)
     stop = threading.Event()
@@ -88,7 +92,8 @@ def command(db_path: str | None, interval: float | None, max_jobs: int | None,
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        settings = Settings.from_env(db_path=db_path, reconcile_interval_s=interval,
+        settings = Settings.from_env(db_path=db_path, database_url=database_url,
+                                     reconcile_interval_s=interval,
                                      max_concurrent_jobs=max_jobs)
         run(settings, stop)
     except CIError as exc:

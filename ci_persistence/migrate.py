@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -48,15 +49,19 @@ def _strip_comments(sql: str) -> str:
     return "\n".join(lines).strip()
 
 
-def load_migrations() -> list[Migration]:
-    """Every migration shipped in the package, by version; versions must be 1, 2, 3…"""
-    folder = resources.files("ci_persistence").joinpath("migrations")
+def load_migrations(folder_name: str = "migrations",
+                    split: Callable[[str], list[str]] = split_statements) -> list[Migration]:
+    """Every migration shipped in the package folder, by version; versions must be 1, 2, 3…
+
+    SQLite's are in `migrations/`; PostgreSQL's in `migrations/postgres/`, each file one script.
+    """
+    folder = resources.files("ci_persistence").joinpath(folder_name)
     migrations = []
     for entry in folder.iterdir():
         match = _FILE_NAME.fullmatch(entry.name)
         if match:
             migrations.append(Migration(version=int(match.group(1)), name=entry.name,
-                                        statements=split_statements(entry.read_text("utf-8"))))
+                                        statements=split(entry.read_text("utf-8"))))
     migrations.sort(key=lambda m: m.version)
     versions = [m.version for m in migrations]
     if versions != list(range(1, len(versions) + 1)):

@@ -1,8 +1,13 @@
-"""SQLite rows to models: the one place that knows how columns map onto ci_common.models."""
+"""Rows to models: the one place that knows how columns map onto ci_common.models.
+
+SQLite's rows (sqlite3.Row) and PostgreSQL's (psycopg dict rows) share the column names; the
+value types differ (text or TIMESTAMPTZ, 0/1 or BOOLEAN, TEXT or UTF-8 BYTEA for event text),
+and the helpers here accept either.
+"""
 
 from __future__ import annotations
 
-import sqlite3
+from typing import Any, Protocol
 
 from ci_common.models import (
     ApiKey,
@@ -33,6 +38,16 @@ KEY_SELECT = (
 )
 
 
+class Row(Protocol):
+    """A row addressable by column name: sqlite3.Row or a psycopg dict row."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
 def report_to_text(report: TestReport | None) -> str | None:
     """A job's report as stored in jobs.report: the JSON of its wire form."""
     data = ReportData.from_report(report)
@@ -43,12 +58,12 @@ def report_from_text(text: str | None) -> TestReport | None:
     return None if text is None else ReportData.model_validate_json(text).to_report()
 
 
-def user_from_row(row: sqlite3.Row) -> User:
+def user_from_row(row: Row) -> User:
     return User(id=row["id"], name=row["name"], email=row["email"],
                 is_active=bool(row["is_active"]), created_at=from_text(row["created_at"]))
 
 
-def key_from_row(row: sqlite3.Row) -> ApiKey:
+def key_from_row(row: Row) -> ApiKey:
     """An ApiKey from a KEY_SELECT row."""
     return ApiKey(id=row["id"], user_id=row["user_id"], user_email=row["u_email"],
                   name=row["name"], prefix=row["prefix"], is_active=bool(row["is_active"]),
@@ -56,13 +71,13 @@ def key_from_row(row: sqlite3.Row) -> ApiKey:
                   last_used_at=opt_from_text(row["last_used_at"]))
 
 
-def key_owner_from_row(row: sqlite3.Row) -> User:
+def key_owner_from_row(row: Row) -> User:
     """The owner from a KEY_SELECT row."""
     return User(id=row["user_id"], name=row["u_name"], email=row["u_email"],
                 is_active=bool(row["u_is_active"]), created_at=from_text(row["u_created_at"]))
 
 
-def job_from_row(row: sqlite3.Row) -> Job:
+def job_from_row(row: Row) -> Job:
     success = row["success"]
     return Job(
         id=row["id"],
@@ -87,10 +102,11 @@ def job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-def event_from_row(row: sqlite3.Row) -> JobEvent:
+def event_from_row(row: Row) -> JobEvent:
     stream = row["stream"]
     return JobEvent(job_id=row["job_id"], seq=row["seq"], kind=EventKind(row["kind"]),
-                    text=row["text"], stream=None if stream is None else OutputStream(stream),
+                    text=_text(row["text"]),
+                    stream=None if stream is None else OutputStream(stream),
                     created_at=from_text(row["created_at"]))
 
 
@@ -103,7 +119,7 @@ LEASE_SELECT = (
 )
 
 
-def lease_from_row(row: sqlite3.Row) -> ControllerLease:
+def lease_from_row(row: Row) -> ControllerLease:
     return ControllerLease(id=row["id"], host=row["host"], pid=row["pid"],
                            version=row["version"], token=row["token"],
                            started_at=from_text(row["started_at"]),

@@ -1,4 +1,5 @@
-"""Timestamps as the repositories store them: aware UTC datetimes, ISO-8601 text in SQLite."""
+"""Timestamps as the repositories store them: aware UTC datetimes, ISO-8601 text in SQLite,
+TIMESTAMPTZ in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ def to_text(when: datetime) -> str:
     return as_utc(when).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
-def from_text(text: str) -> datetime:
-    """Parse what to_text wrote back into an aware UTC datetime."""
+def from_text(text: str | datetime) -> datetime:
+    """Parse what to_text wrote back into an aware UTC datetime (PostgreSQL's come parsed)."""
+    if isinstance(text, datetime):
+        return as_utc(text)
     return as_utc(datetime.fromisoformat(text))
 
 
@@ -26,5 +29,5 @@ def opt_to_text(when: datetime | None) -> str | None:
     return None if when is None else to_text(when)
 
 
-def opt_from_text(text: str | None) -> datetime | None:
+def opt_from_text(text: str | datetime | None) -> datetime | None:
     return None if text is None else from_text(text)

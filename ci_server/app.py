@@ -1,6 +1,7 @@
 """The FastAPI application: `create_app(settings, repository)`, and `app` for uvicorn.
 
-    uvicorn ci_server.app:app      # settings from CI_* variables, the SQLite repository
+    uvicorn ci_server.app:app      # settings from CI_* variables: SQLite, or PostgreSQL when
+                                   # CI_DATABASE_URL is set
 
 Importing this module opens nothing: the repository is opened and the event relay started in
 the app's lifespan, and both are closed again when it ends. Replicas share no state but the
@@ -10,12 +11,16 @@ database, so any number of them can run side by side.
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from ci_common.errors import CIError
 from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_persistence import open_repository
@@ -72,7 +77,24 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
 def app_from_env() -> FastAPI:
     """The app uvicorn serves: settings from the environment, the default repository."""
     settings = Settings.from_env()
-    return build_app(settings, lambda: open_repository(settings), owns_repository=True)
+    return build_app(settings, lambda: open_or_exit(settings), owns_repository=True)
+
+
+def open_or_exit(settings: Settings) -> Repository:
+    """The repository; if the database cannot be opened, one line on stderr and exit 1.
+
+    uvicorn would turn the failed lifespan into a traceback and exit 3; a database that is
+    down or misnamed is an operator's problem, said in one line (the URL without its password)
+    like every other command says it. Nothing is open yet, so exiting at once loses nothing.
+    """
+    try:
+        return open_repository(settings)
+    except (CIError, sqlite3.Error, OSError) as exc:
+        reason = exc.message if isinstance(exc, CIError) else (
+            f"cannot open the database {settings.db_path}: {exc}")
+        sys.stderr.write(f"Error: {' '.join(reason.split())}\n")
+        sys.stderr.flush()
+        os._exit(exc.exit_code if isinstance(exc, CIError) else 1)
 
 
 app = app_from_env()

@@ -8,6 +8,7 @@
     AuthenticationError       401      WWW-Authenticate: Bearer
     RateLimited               429      Retry-After (when known)
     NotStarted                503
+    DatabaseUnavailable       503
     any other CIError         500
     request validation        422      (FastAPI's own errors, squeezed into one line)
     anything unexpected       500      "internal server error" (traceback to the log only)
@@ -34,6 +35,7 @@ from ci_common.errors import (
     AuthenticationError,
     CIError,
     Conflict,
+    DatabaseUnavailable,
     InvalidInput,
     NotFound,
     RateLimited,
@@ -58,6 +60,7 @@ STATUS_BY_ERROR: tuple[tuple[type[CIError], int], ...] = (
     (AuthenticationError, 401),
     (RateLimited, 429),
     (NotStarted, 503),
+    (DatabaseUnavailable, 503),
 )
 MAX_DETAIL_CHARS = 500
 

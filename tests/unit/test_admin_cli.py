@@ -20,6 +20,7 @@ from ci_common.models import JobOutcome, JobStatus, StoredKey, User, utcnow
 from ci_common.retention import parse_age
 from ci_persistence.memory import InMemoryRepository
 from tests.leases import hold_lease
+from tests.postgres import free_port
 
 USER_FIELDS = {"id", "name", "email", "is_active", "created_at"}
 KEY_FIELDS = {"id", "name", "prefix", "user_id", "user_email", "is_active", "created_at",
@@ -374,6 +375,29 @@ def test_help_does_not_open_the_database(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "--email" in result.stdout
     assert not db.exists()
+
+
+def test_database_url_selects_postgresql_and_wins_over_the_db_path(postgres_url: str,
+                                                                  tmp_path: Path) -> None:
+    db = tmp_path / "never-created.db"
+    env = {"CI_DATABASE_URL": postgres_url, "CI_DB_PATH": str(db)}
+    created = CliRunner().invoke(cli, ["user", "create", "--name", "Ann", "--email",
+                                       "ann@example.com"], env=env)
+    assert created.exit_code == 0, created.output
+    listed = CliRunner().invoke(cli, ["--database-url", postgres_url, "user", "list", "--json"])
+    assert [u["email"] for u in json.loads(listed.stdout)] == ["ann@example.com"]
+    assert not db.exists()
+
+
+def test_unreachable_postgresql_is_one_line_without_the_password() -> None:
+    port = free_port()
+    result = CliRunner().invoke(cli, ["--database-url",
+                                      f"postgresql://ci:hunter2-pw@127.0.0.1:{port}/ci",
+                                      "user", "list"])
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: cannot reach PostgreSQL at postgresql://ci@127.0.0.1:{port}/ci")
+    assert "hunter2" not in result.output
 
 
 def test_unknown_command_is_a_usage_error(repo: InMemoryRepository) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from ci_common.errors import RuntimeUnavailable
 from ci_controller.docker_runtime import DockerRuntime
+from tests.postgres import free_port
 
 NO_ENGINE = "unix:///nonexistent/ci-test-docker.sock"
 
@@ -28,7 +29,7 @@ def test_help_lists_the_options(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "ci_controller", "--help"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    for option in ("--db-path", "--interval", "--max-jobs", "--debug"):
+    for option in ("--db-path", "--database-url", "--interval", "--max-jobs", "--debug"):
         assert option in result.stdout
 
 
@@ -39,6 +40,25 @@ def test_unwritable_database_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("Error: cannot open the database /nonexistent/dir/ci.db")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_unreachable_postgresql_is_one_line_with_the_url_but_not_the_password(
+        tmp_path: Path, how: str) -> None:
+    port = free_port()
+    url = f"postgresql://ci:hunter2-pw@127.0.0.1:{port}/ci"
+    env = controller_env(tmp_path)
+    args = [sys.executable, "-m", "ci_controller", "--db-path", str(tmp_path / "ci.db")]
+    if how == "option":
+        args += ["--database-url", url]
+    else:
+        env["CI_DATABASE_URL"] = url  # wins over --db-path
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot reach PostgreSQL at postgresql://ci@127.0.0.1:{port}/ci")
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not (tmp_path / "ci.db").exists()
 
 
 def test_bad_setting_is_a_usage_error(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from ci_common.settings import format_size
 from ci_common.wire import EndData
 from ci_persistence import InMemoryRepository, SqliteRepository
 from ci_persistence.migrate import load_migrations
+from ci_persistence.postgres import PostgresRepository
 from tests.leases import hold_lease, owner_fence
 
 CTRL = "controller-1"
@@ -39,12 +40,14 @@ PASSED = JobOutcome(status=JobStatus.COMPLETED, exit_code=0, success=True, reaso
 TIMED_OUT = JobOutcome(status=JobStatus.FAILED, exit_code=None, success=False, reason="timed out")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Repository]:
     if request.param == "memory":
         repository: Repository = InMemoryRepository()
-    else:
+    elif request.param == "sqlite":
         repository = SqliteRepository(str(tmp_path / "ci.db"))
+    else:  # a server is started only when a PostgreSQL test runs
+        repository = PostgresRepository(request.getfixturevalue("postgres_url"))
     yield repository
     repository.close()
 
@@ -493,6 +496,15 @@ def test_append_output_assigns_seqs_and_stores_cursor(repo: Repository, user: Us
     more = repo.append_output(job.id, [out("b\n")], 10, fence=owner_fence(repo, job.id))
     assert [e.seq for e in more] == [5]
     assert repo.last_event_seq(job.id) == 5
+
+
+def test_output_keeps_every_character(repo: Repository, user: User) -> None:
+    job = running_job(repo, user)
+    text = "nul \x00 here, tab \t, é, 😀, \x1b[31mred\x1b[0m\n"
+    [event] = repo.append_output(job.id, [out(text)], 1, fence=owner_fence(repo, job.id))
+    assert event.text == text
+    assert repo.list_events(job.id)[-1].text == text
+    assert repo.get_job(job.id).output_bytes == len(text.encode("utf-8"))
 
 
 def test_append_output_to_a_finished_job_is_ignored(repo: Repository, user: User) -> None:

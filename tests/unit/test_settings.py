@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ci_common.dburl import check_postgres_url, redact_url, scrub
 from ci_common.errors import InvalidInput
 from ci_common.settings import Settings, format_size, parse_size
 
@@ -50,3 +51,36 @@ def test_parse_size(text: str, value: int) -> None:
 def test_format_size() -> None:
     assert format_size(812) == "812 B"
     assert format_size(50 * 1024**2) == "50.0 MB"
+
+
+def test_database_url_is_read_and_never_shown_with_its_password() -> None:
+    url = "postgresql://ci:s3cret-pw@db.example:5432/ci"
+    settings = Settings.from_env({"CI_DATABASE_URL": url, "CI_DB_PATH": "/tmp/a.db"})
+    assert settings.database_url == url
+    assert settings.database_shown() == "postgresql://ci@db.example:5432/ci"
+    assert "s3cret-pw" not in repr(settings)
+    assert Settings.from_env({"CI_DB_PATH": "/tmp/a.db"}).database_shown() == "/tmp/a.db"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://ci:pw@h:5432/db", "postgresql://ci@h:5432/db"),
+    ("postgresql://ci:p%40ss@h/db?sslmode=require&password=pw2",
+     "postgresql://ci@h/db?sslmode=require"),
+    ("postgres://h/db", "postgres://h/db"),
+    ("postgresql://u:pw@[::1]:5432/d", "postgresql://u@[::1]:5432/d"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_scrub_masks_every_form_of_the_password() -> None:
+    url = "postgresql://ci:p%40ss-word@h/db?password=other-secret"
+    text = scrub("failed for p%40ss-word / p@ss-word / other-secret", url)
+    assert "ss-word" not in text and "other-secret" not in text
+
+
+def test_only_postgresql_urls_are_accepted() -> None:
+    assert check_postgres_url("postgresql://h/db") == "postgresql://h/db"
+    with pytest.raises(InvalidInput, match="postgresql://") as refused:
+        check_postgres_url("mysql://root:hunter2@h/db")
+    assert "hunter2" not in refused.value.message
