@@ -34,6 +34,14 @@ export function durationMs(job, now = Date.now()) {
   return end === null ? null : end - Date.parse(job.start_time);
 }
 
+/** `2 failed, 40 passed, 1 skipped`, in pytest's words and order, as `ci list` shows it. */
+export function countsText(report) {
+  const parts = [[report.failed, "failed"], [report.passed, "passed"],
+    [report.skipped, "skipped"], [report.errors, report.errors === 1 ? "error" : "errors"]]
+    .filter(([count]) => count > 0).map(([count, word]) => `${count} ${word}`);
+  return parts.length ? parts.join(", ") : "no tests ran";
+}
+
 /** ✓ passed, ✗ did not pass, - not finished yet. */
 export function successMark(success) {
   if (success === null || success === undefined) return PENDING_MARK;

@@ -4,11 +4,11 @@
 // from the link the user is on.
 
 import { listJobs } from "./api.js";
-import { durationMs, formatDuration, formatTime, successMark } from "./format.js";
+import { countsText, durationMs, formatDuration, formatTime, successMark } from "./format.js";
 
 const REFRESH_MS = 2000;
 const PAGE = 100;
-const COLUMNS = ["Job ID", "Status", "Start time", "End time", "Duration", "Success"];
+const COLUMNS = ["Job ID", "Status", "Start time", "End time", "Duration", "Success", "Tests"];
 
 export class JobsView {
   constructor(els, { onError, onLoaded }) {
@@ -102,7 +102,8 @@ function newRow(jobId) {
 }
 
 function fillRow(row, job) {
-  const [, status, start, end, duration, success] = row.children;
+  const [, status, start, end, duration, success, tests] = row.children;
+  setText(tests, job.report ? countsText(job.report) : PENDING_COUNTS);
   setText(status, job.status);
   status.className = `status status-${job.status}` +
     (job.success === true ? " passed" : job.success === false ? " failed" : "");
@@ -116,6 +117,8 @@ function fillRow(row, job) {
   success.title = job.success === true ? "passed" : job.success === false ? "did not pass"
     : "not finished";
 }
+
+const PENDING_COUNTS = "-"; // no report: not finished, or the tests never ran
 
 function setText(cell, text) {
   if (cell.textContent !== text) cell.textContent = text;

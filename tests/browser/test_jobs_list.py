@@ -64,6 +64,7 @@ def test_the_list_updates_by_itself_filters_and_opens_a_job_from_the_keyboard(
     assert [row["Job ID"] for row in shown] == [ids[n] for n in
                                                 ("sleeping", "broken", "failing", "passing")]
     passing = shown[-1]
+    assert [row["Tests"] for row in shown] == ["-", "-", "1 failed", "1 passed"]
     assert passing["Start time"] != "N/A" and passing["End time"] != "N/A"
     assert passing["Duration"].endswith(" s")
     expect(tab.page.locator("#jobs-count")).to_have_text("4 jobs")
