@@ -20,6 +20,7 @@ from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_persistence import open_repository
 from ci_server.errors import install_error_handlers
+from ci_server.openapi import install_openapi
 from ci_server.ratelimit import FailureLimiter
 from ci_server.relay import EventRelay
 from ci_server.routes import router
@@ -64,6 +65,7 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
     app.state.ci = state
     install_error_handlers(app)
     app.include_router(router)
+    install_openapi(app)
     return app
 
 

@@ -1,0 +1,32 @@
+"""The published OpenAPI document: valid for the version it declares, and saying the limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from openapi_spec_validator import validate
+
+from tests.unit.test_server_support import Server, server
+
+__all__ = ["server"]
+
+
+def published(server: Server) -> dict[str, Any]:
+    response = server.client.get("/openapi.json")
+    assert response.status_code == 200
+    spec: dict[str, Any] = response.json()
+    return spec
+
+
+def test_the_spec_validates_as_the_version_it_declares(server: Server) -> None:
+    spec = published(server)
+    assert spec["openapi"].startswith("3.1.")
+    validate(spec)  # raises on the first violation of the OpenAPI 3.1 schema
+
+
+def test_the_event_stream_keeps_its_item_schema_as_an_extension(server: Server) -> None:
+    media = published(server)["paths"]["/jobs/{job_id}/events"]["get"]["responses"]["200"][
+        "content"]["text/event-stream"]
+    assert "itemSchema" not in media
+    assert media["schema"]["type"] == "string"
+    assert set(media["x-itemSchema"]["properties"]) >= {"id", "event", "data"}
