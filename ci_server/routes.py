@@ -14,7 +14,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from ci_common.models import Job
-from ci_common.repository import Repository
+from ci_common.repository import MAX_STORED_INT, Repository
 from ci_common.wire import ErrorBody, JobCreated, JobList, JobView
 from ci_server.archive import ArchiveLimits, validate_archive
 from ci_server.auth import CurrentUser
@@ -96,7 +96,7 @@ def list_jobs(
     user: CurrentUser,
     repository: RepositoryDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_STORED_INT)] = 0,
 ) -> JobList:
     jobs = repository.list_jobs(user.id, limit=limit, offset=offset)
     return JobList(jobs=[JobView.from_job(job) for job in jobs],

@@ -192,13 +192,21 @@ def test_list_pages(server: Server) -> None:
     assert (page["total"], page["limit"], page["offset"]) == (5, 2, 1)
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=ten"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=ten",
+                                   f"offset={2**63}", "offset=" + "9" * 5000])
 def test_list_validates_paging(server: Server, query: str) -> None:
     response = server.client.get(f"/jobs?{query}", headers=server.alice.headers)
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert isinstance(detail, str) and detail.startswith("invalid query.")
     assert "\n" not in detail
+
+
+def test_the_largest_offset_lists_nothing(server: Server) -> None:
+    server.submit()
+    response = server.client.get(f"/jobs?offset={2**63 - 1}", headers=server.alice.headers)
+    assert response.status_code == 200
+    assert response.json()["jobs"] == [] and response.json()["total"] == 1
 
 
 def test_get_job(server: Server) -> None:
