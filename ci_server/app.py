@@ -65,7 +65,7 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
     app.state.ci = state
     install_error_handlers(app)
     app.include_router(router)
-    install_openapi(app)
+    install_openapi(app, settings)
     return app
 
 

@@ -1,10 +1,14 @@
-"""The OpenAPI document the server publishes: FastAPI's, made valid for the version it declares.
+"""The OpenAPI document the server publishes: FastAPI's, valid for its version, with our limits.
 
 FastAPI describes an `EventSourceResponse` with `itemSchema`, a keyword OpenAPI 3.2 added, inside
 a document that says `openapi: 3.1.0`; validators and schema-driven tools (schemathesis) refuse
 it. In 3.1 a media type has only `schema`, so the stream is described as what it is on the wire,
 a string of text, and the schema of one event moves to the `x-itemSchema` extension, where a
 reader that knows 3.2 still finds it.
+
+POST /jobs reads its multipart body by hand (after authentication, counting bytes), so FastAPI
+cannot describe it; the body's schema comes from `ci_server.upload`, with this server's
+maximum timeout, so a schema-driven client or fuzzer knows what the server accepts.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ci_common.settings import Settings
+from ci_server.upload import submission_openapi
+
 ITEM_SCHEMA = "itemSchema"
 ITEM_SCHEMA_EXTENSION = "x-itemSchema"
-EVENT_STREAM = "text/event-stream"
+SUBMIT_PATH, SUBMIT_METHOD = "/jobs", "post"
 STREAM_SCHEMA: dict[str, Any] = {
     "type": "string",
     "description": "Server-Sent Events; the `x-itemSchema` extension describes one event",
@@ -39,14 +46,22 @@ def as_openapi_3_1(spec: dict[str, Any]) -> dict[str, Any]:
     return fixed
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Make `app` publish (at /openapi.json and /docs) the fixed document, built once."""
+def published_openapi(generated: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """FastAPI's document as this server publishes it."""
+    spec = as_openapi_3_1(generated)
+    spec["paths"][SUBMIT_PATH][SUBMIT_METHOD]["requestBody"] = submission_openapi(
+        settings.max_job_timeout_s)
+    return spec
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Make `app` publish (at /openapi.json and /docs) `published_openapi`, built once."""
     generate: Callable[[], dict[str, Any]] = app.openapi
     published: dict[str, Any] = {}
 
     def openapi() -> dict[str, Any]:
         if not published:
-            published.update(as_openapi_3_1(generate()))
+            published.update(published_openapi(generate(), settings))
         return published
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -61,10 +61,30 @@ def test_submit_refuses_a_bad_timeout(server: Server, timeout: str) -> None:
     assert server.repo.count_jobs(server.alice.user.id) == 0
 
 
+@pytest.fixture
+def capped() -> Iterator[Server]:
+    yield from make_server(max_job_timeout_s=600.0)
+
+
+@pytest.mark.parametrize("timeout", ["601", "1e300", "600.001"])
+def test_submit_refuses_a_timeout_over_the_maximum(capped: Server, timeout: str) -> None:
+    response = upload(capped.client, capped.alice, project_zip(), timeout=timeout)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "timeout must be at most 600 seconds (the server's "
+                                         f"CI_MAX_JOB_TIMEOUT), not {timeout!r}"}
+    assert capped.repo.count_jobs(capped.alice.user.id) == 0
+
+
+def test_submit_takes_a_timeout_of_exactly_the_maximum(capped: Server) -> None:
+    response = upload(capped.client, capped.alice, project_zip(), timeout="600")
+    assert response.status_code == 201
+    assert capped.repo.get_job(response.json()["id"]).timeout_seconds == 600.0
+
+
 def test_parse_timeout() -> None:
-    assert parse_timeout(None) is None
-    assert parse_timeout(" ") is None
-    assert parse_timeout("1.5") == 1.5
+    assert parse_timeout(None, 10.0) is None
+    assert parse_timeout(" ", 10.0) is None
+    assert parse_timeout("1.5", 10.0) == 1.5
 
 
 def test_submit_without_the_archive_field(server: Server) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from openapi_spec_validator import validate
 
-from tests.unit.test_server_support import Server, server
+from tests.unit.test_server_support import Server, make_server, server
 
 __all__ = ["server"]
 
@@ -30,3 +32,16 @@ def test_the_event_stream_keeps_its_item_schema_as_an_extension(server: Server) 
     assert "itemSchema" not in media
     assert media["schema"]["type"] == "string"
     assert set(media["x-itemSchema"]["properties"]) >= {"id", "event", "data"}
+
+
+@pytest.fixture
+def capped() -> Iterator[Server]:
+    yield from make_server(max_job_timeout_s=600.0)
+
+
+def test_the_submission_form_says_the_timeout_maximum_of_this_server(capped: Server) -> None:
+    body = published(capped)["paths"]["/jobs"]["post"]["requestBody"]
+    schema = body["content"]["multipart/form-data"]["schema"]
+    assert schema["required"] == ["archive"]
+    assert schema["properties"]["timeout"]["maximum"] == 600.0
+    assert schema["properties"]["timeout"]["exclusiveMinimum"] == 0
