@@ -312,7 +312,8 @@ def test_unexpected_errors_are_a_one_line_500() -> None:
     with TestClient(create_app(Settings(), repo), raise_server_exceptions=False) as client:
         response = client.get("/jobs", headers=account.headers)
     assert response.status_code == 500
-    assert response.json() == {"detail": "internal server error"}
+    request_id = response.headers["X-Request-ID"]
+    assert response.json() == {"detail": f"internal server error (request id {request_id})"}
 
 
 def test_openapi_documents_every_endpoint_and_its_errors(server: Server) -> None:
