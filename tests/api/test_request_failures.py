@@ -15,6 +15,7 @@ from ci_common.models import Job
 from ci_common.settings import Settings
 from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
+from tests.api.conftest import LiveApi
 from tests.api.live_server import serve_in_thread
 from tests.unit.test_server_support import BASE_SETTINGS, Account, add_account
 
@@ -109,3 +110,14 @@ def test_a_client_gone_mid_upload_is_one_info_line(served: tuple[str, Account],
     # and the server goes on serving
     assert httpx.get(f"{url}/jobs", headers=account.headers).status_code == 200
 
+
+def test_under_uvicorn_a_client_gone_mid_upload_is_one_info_line_in_the_log(api: LiveApi) -> None:
+    send_headers_then_leave(api.url, api.seed.alice, b"--b\r\n", declared=100)
+    deadline = time.monotonic() + WAIT_FOR_LOG_S
+    logged = ""
+    while "went away" not in logged and time.monotonic() < deadline:
+        time.sleep(0.02)
+        logged += api.server.new_log()
+    [line] = [line for line in logged.splitlines() if "went away" in line]
+    assert line.startswith("INFO:")
+    assert "POST /jobs" in line
