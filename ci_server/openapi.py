@@ -2,9 +2,8 @@
 
 FastAPI describes an `EventSourceResponse` with `itemSchema`, a keyword OpenAPI 3.2 added, inside
 a document that says `openapi: 3.1.0`; validators and schema-driven tools (schemathesis) refuse
-it. In 3.1 a media type has only `schema`, so the stream is described as what it is on the wire,
-a string of text, and the schema of one event moves to the `x-itemSchema` extension, where a
-reader that knows 3.2 still finds it.
+it. Before 3.2, an event stream's `schema` is read as the schema of each event (3.2 gave that
+job to `itemSchema` and `schema` the whole stream), so the item schema moves there.
 
 POST /jobs reads its multipart body by hand (after authentication, counting bytes), so FastAPI
 cannot describe it; the body's schema comes from `ci_server.upload`, with this server's
@@ -23,12 +22,7 @@ from ci_common.settings import Settings
 from ci_server.upload import submission_openapi
 
 ITEM_SCHEMA = "itemSchema"
-ITEM_SCHEMA_EXTENSION = "x-itemSchema"
 SUBMIT_PATH, SUBMIT_METHOD = "/jobs", "post"
-STREAM_SCHEMA: dict[str, Any] = {
-    "type": "string",
-    "description": "Server-Sent Events; the `x-itemSchema` extension describes one event",
-}
 
 
 def as_openapi_3_1(spec: dict[str, Any]) -> dict[str, Any]:
@@ -41,8 +35,7 @@ def as_openapi_3_1(spec: dict[str, Any]) -> dict[str, Any]:
             for response in operation.get("responses", {}).values():
                 for media in response.get("content", {}).values():
                     if ITEM_SCHEMA in media:
-                        media[ITEM_SCHEMA_EXTENSION] = media.pop(ITEM_SCHEMA)
-                        media.setdefault("schema", dict(STREAM_SCHEMA))
+                        media["schema"] = media.pop(ITEM_SCHEMA)
     return fixed
 
 
