@@ -5,6 +5,10 @@ uvicorn configures only its own loggers. Without a handler of ours, `ci_server`'
 logging's last-resort handler, without a level or a logger name. The level follows uvicorn's
 (`--log-level`), so one option quiets both. Nothing changes when logging is configured already
 (a `--log-config`, or pytest capturing): the root logger has handlers then.
+
+python_multipart warns about every malformed body it parses ("Found invalid character …"):
+that is the client's mistake, already answered 400 with the reason, and a bare line per bad
+upload would let any client fill the log. Only its errors are kept.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from uvicorn.logging import DefaultFormatter
 
 SERVER_LOGGER = "ci_server"
+MULTIPART_LOGGER = "python_multipart"
 UVICORN_LOGGER = "uvicorn.error"
 # uvicorn's own formatter ("INFO:     …"), so the two kinds of lines read alike.
 LINE_FORMAT = "%(levelprefix)s %(name)s: %(message)s"
@@ -28,3 +33,4 @@ def log_beside_uvicorn() -> None:
     handler.setFormatter(DefaultFormatter(LINE_FORMAT))
     server_logger.addHandler(handler)
     server_logger.setLevel(logging.getLogger(UVICORN_LOGGER).getEffectiveLevel())
+    logging.getLogger(MULTIPART_LOGGER).setLevel(logging.ERROR)

@@ -121,3 +121,13 @@ def test_under_uvicorn_a_client_gone_mid_upload_is_one_info_line_in_the_log(api:
     [line] = [line for line in logged.splitlines() if "went away" in line]
     assert line.startswith("INFO:")
     assert "POST /jobs" in line
+
+
+def test_under_uvicorn_a_malformed_multipart_body_is_a_400_and_no_log_line(api: LiveApi) -> None:
+    body = b"--b\r\nContent-Disposition: form-data; name=\"archive\"\r\nBad[Header: x\r\n\r\nz"
+    response = httpx.post(f"{api.url}/jobs", content=body, headers={
+        **api.seed.alice.headers, "Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 400
+    assert "\n" not in response.json()["detail"]
+    time.sleep(0.2)  # the line, if any, is written while the request is parsed
+    assert api.server.new_log() == ""
