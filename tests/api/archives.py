@@ -101,9 +101,10 @@ def projects(draw: st.DrawFn) -> list[Entry]:
     return entries
 
 
+# No NUL: zipfile cuts a name at it, both writing and reading, so "src/a\0b" is just "src/a".
 HOSTILE_NAMES = st.one_of(
     st.sampled_from(["../evil.py", "src/../../evil.py", "/etc/passwd", "C:/evil.py", "c:evil",
-                     "src\\..\\..\\evil.py", "tests/..", "src/a\x00b.py"]),
+                     "src\\..\\..\\evil.py", "tests/.."]),
     NAME.map(lambda n: f"../{n}"),
     NAME.map(lambda n: f"/{n}"),
 )
