@@ -31,7 +31,6 @@ MAX_FIELD_BYTES = 1024
 MAX_TIMEOUT_VARIABLE = Settings.env_names()["max_job_timeout_s"]
 
 
-
 def submission_openapi(max_timeout_s: float) -> dict[str, Any]:
     """What the spec says of POST /jobs's body (parsed by hand, after authentication)."""
     return {
