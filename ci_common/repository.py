@@ -30,6 +30,11 @@ from ci_common.models import (
     User,
 )
 
+# The largest integer every implementation stores and compares: SQLite's INTEGER and
+# PostgreSQL's bigint are signed 64-bit. A page offset or an event seq beyond it is refused at
+# the API edge, so no driver ever sees one (SQLite's raises OverflowError).
+MAX_STORED_INT = 2**63 - 1
+
 
 class Repository(Protocol):
     """Users, API keys, jobs, their uploaded archives and their events."""
@@ -102,7 +107,10 @@ class Repository(Protocol):
     def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
                   status: JobStatus | None = None) -> list[Job]:
         """The user's jobs (only those in `status`, if given), newest first (created_at, then
-        id, descending)."""
+        id, descending).
+
+        Any `offset` from 0 to MAX_STORED_INT works; past the last job the page is empty.
+        """
 
     def count_jobs(self, user_id: str, status: JobStatus | None = None) -> int:
         """How many jobs the user has (only those in `status`, if given), for pagination."""
@@ -239,7 +247,7 @@ class Repository(Protocol):
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
-        """A job's events with seq > after_seq, in order."""
+        """A job's events with seq > after_seq (0 to MAX_STORED_INT), in order."""
 
     def last_event_seq(self, job_id: str) -> int:
         """The seq of the job's latest event (0 if none): the position "from now"."""

@@ -71,6 +71,9 @@ class Settings:
     max_upload_bytes: int = field(default=50 * 1024**2, metadata={"env": "CI_MAX_UPLOAD"})
     max_unpacked_bytes: int = field(default=500 * 1024**2, metadata={"env": "CI_MAX_UNPACKED"})
     max_archive_entries: int = field(default=10_000, metadata={"env": "CI_MAX_ENTRIES"})
+    # The most a submission may ask for with `timeout` (CI_JOB_TIMEOUT, the default, is the
+    # operator's own choice and not bound by it).
+    max_job_timeout_s: float = field(default=86_400.0, metadata={"env": "CI_MAX_JOB_TIMEOUT"})
     auth_failures_per_minute: int = field(default=30,
                                           metadata={"env": "CI_AUTH_FAILURES_PER_MINUTE"})
     sse_keepalive_s: float = field(default=15.0, metadata={"env": "CI_SSE_KEEPALIVE"})

@@ -25,6 +25,8 @@ from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_persistence import open_repository
 from ci_server.errors import install_error_handlers
+from ci_server.logs import log_beside_uvicorn
+from ci_server.openapi import install_openapi
 from ci_server.ratelimit import FailureLimiter
 from ci_server.relay import EventRelay
 from ci_server.routes import router
@@ -47,13 +49,18 @@ def create_app(settings: Settings, repository: Repository) -> FastAPI:
 
 
 def build_app(settings: Settings, open_repo: Callable[[], Repository],
-              owns_repository: bool) -> FastAPI:
-    """An app that calls `open_repo` when its lifespan starts (and closes it if it owns it)."""
+              owns_repository: bool, on_start: Callable[[], None] | None = None) -> FastAPI:
+    """An app that calls `open_repo` when its lifespan starts (and closes it if it owns it).
+
+    `on_start`, if given, runs first, when serving begins rather than at import.
+    """
     state = ServerState(settings=settings,
                         limiter=FailureLimiter(settings.auth_failures_per_minute))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_start is not None:
+            on_start()
         repository = await run_in_threadpool(open_repo)
         relay = EventRelay(repository, settings.event_poll_interval_s)
         try:
@@ -71,13 +78,16 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
     install_error_handlers(app)
     app.include_router(router)
     install_web(app)
+    install_openapi(app, settings)
     return app
 
 
 def app_from_env() -> FastAPI:
-    """The app uvicorn serves: settings from the environment, the default repository."""
+    """The app uvicorn serves: settings from the environment, the default repository, and the
+    server's log lines beside uvicorn's."""
     settings = Settings.from_env()
-    return build_app(settings, lambda: open_or_exit(settings), owns_repository=True)
+    return build_app(settings, lambda: open_or_exit(settings), owns_repository=True,
+                     on_start=log_beside_uvicorn)
 
 
 def open_or_exit(settings: Settings) -> Repository:

@@ -24,7 +24,7 @@ from ci_server.state import get_repository, get_state
 # auto_error=False: a missing header must get our one-line detail, not FastAPI's.
 bearer_scheme = HTTPBearer(
     auto_error=False,
-    scheme_name="API key",
+    scheme_name="ApiKey",  # a component name: letters, digits, ".", "_", "-" only
     description="An API key from `ci-admin key create`, sent as `Authorization: Bearer ci_…`.",
 )
 

@@ -11,9 +11,12 @@
     DatabaseUnavailable       503
     any other CIError         500
     request validation        422      (FastAPI's own errors, squeezed into one line)
-    anything unexpected       500      "internal server error" (traceback to the log only)
+    anything unexpected       500      "internal server error (request id …)"
 
-A client that goes away mid-stream is not an error: `IgnoreClientGone` keeps the log quiet.
+Every answer carries `X-Request-ID` (ci_server.request_ids); a 500's detail names it too, and
+the one log line about the failure, traceback included, starts with it. `RequestBoundary` has
+the last word on every request: an unexpected error ends there, answered, so neither Starlette
+nor uvicorn logs it a second time; a client that goes away is routine, not an error.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ci_common.errors import (
     RateLimited,
     TooLarge,
 )
+from ci_server.request_ids import REQUEST_ID_HEADER, assign_request_id, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ STATUS_BY_ERROR: tuple[tuple[type[CIError], int], ...] = (
     (DatabaseUnavailable, 503),
 )
 MAX_DETAIL_CHARS = 500
+INTERNAL_ERROR = "internal server error"
+CLIENT_GONE = "the client closed the connection before the request was complete"
 
 
 class AddressRateLimited(RateLimited):
@@ -114,12 +120,20 @@ def error_response(status: int, detail: str, headers: dict[str, str] | None = No
     return JSONResponse({"detail": one_line(detail)}, status_code=status, headers=headers)
 
 
+def with_request_id(detail: str, request_id: str) -> str:
+    """A 500's detail: what the user quotes when reporting it leads to the log line."""
+    return f"{detail} (request id {request_id})"
+
+
 async def handle_ci_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CIError)
     status = status_for(exc)
-    if status == 500:
-        logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return error_response(status, exc.message, headers_for(exc))
+    if status != 500:
+        return error_response(status, exc.message, headers_for(exc))
+    request_id = request_id_of(request)
+    logger.error("request %s: %s %s failed: %s", request_id, request.method, request.url.path,
+                 exc.message)
+    return error_response(status, with_request_id(exc.message, request_id), headers_for(exc))
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -133,11 +147,6 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
     return error_response(exc.status_code, str(exc.detail), headers)
 
 
-async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("%s %s failed", request.method, request.url.path)
-    return error_response(500, "internal server error")
-
-
 def is_client_gone(exc: BaseException) -> bool:
     """Whether an exception only says that the client closed the connection."""
     if isinstance(exc, BaseExceptionGroup):
@@ -145,37 +154,76 @@ def is_client_gone(exc: BaseException) -> bool:
     return isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError | ClientDisconnect)
 
 
-class IgnoreClientGone:
-    """ASGI middleware: a client leaving after the response started is routine, not a crash.
+class ResponseWatch:
+    """An ASGI `send` that adds the request id header and notes how far the response got."""
 
-    FastAPI's SSE keep-alive task can raise BrokenResourceError when the client disconnects
-    while an event is being sent (fastapi discussion #15725); uvicorn would log a traceback
-    for every `ci wait` interrupted with Ctrl-C.
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send = send
+        self.request_id = request_id
+        self.started = False
+        self.completed = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            header = (REQUEST_ID_HEADER.lower().encode(), self.request_id.encode())
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        elif message["type"] == "http.response.body":
+            self.completed = not message.get("more_body", False)
+        await self._send(message)
+
+
+class RequestBoundary:
+    """ASGI middleware around the whole app: gives each request its id, and has the last word.
+
+    - The id goes into the scope (for handlers and log lines) and the `X-Request-ID` header.
+    - A client that went away is routine: before the response started (an upload cut short) it
+      is one INFO line; after it (Ctrl-C on `ci wait`) a DEBUG one. FastAPI's SSE keep-alive
+      task can raise BrokenResourceError when that happens (fastapi discussion #15725).
+    - Anything else is logged here once, with its traceback and the request id, and answered
+      500. It goes no further: Starlette's ServerErrorMiddleware re-raises what it handles, and
+      uvicorn would log the same traceback again.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response = ResponseWatch(send, assign_request_id(scope))
         try:
-            await self.app(scope, receive, watch)
-        except BaseException as exc:
-            if not (started and is_client_gone(exc)):
-                raise
-            logger.debug("%s: client went away mid-response", scope.get("path"))
+            await self.app(scope, receive, response)
+        except Exception as exc:
+            await self._end(scope, receive, response, exc)
+
+    async def _end(self, scope: Scope, receive: Receive, response: ResponseWatch,
+                   exc: Exception) -> None:
+        where = f"request {response.request_id}: {scope.get('method')} {scope.get('path')}"
+        if is_client_gone(exc):
+            if response.started:
+                logger.debug("%s: the client went away mid-response", where)
+                return
+            logger.info("%s: the client went away before sending the whole request", where)
+            # Nobody reads this answer (uvicorn drops it); it keeps the ASGI exchange whole for
+            # servers that would complain about a request left unanswered.
+            await error_response(400, CLIENT_GONE)(scope, receive, response)
+            return
+        logger.error("%s failed", where, exc_info=exc)
+        if not response.started:
+            detail = with_request_id(INTERNAL_ERROR, response.request_id)
+            await error_response(500, detail)(scope, receive, response)
+        elif not response.completed:
+            # Too late for a status: end the body, or uvicorn would log the response left open.
+            # An event stream without its `end` event makes the client reconnect, so ending it
+            # cleanly hides nothing from it.
+            await response({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on an app (create_app calls this once)."""
-    app.add_middleware(IgnoreClientGone)
+    app.add_middleware(RequestBoundary)
     app.add_exception_handler(CIError, handle_ci_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
-    app.add_exception_handler(Exception, handle_unexpected)

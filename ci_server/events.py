@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ci_common.errors import InvalidInput
 from ci_common.models import EventKind, JobEvent, JobStatus, OutputStream
-from ci_common.repository import Repository
+from ci_common.repository import MAX_STORED_INT, Repository
 from ci_common.wire import (
     SSE_EVENT_END,
     SSE_EVENT_OUTPUT,
@@ -34,6 +34,8 @@ from ci_server.relay import EventRelay, Subscription
 
 HISTORY_PAGE_EVENTS = 1000
 KEEPALIVE_COMMENT = "keep-alive"
+BAD_LAST_EVENT_ID = ("Last-Event-ID must be a non-negative integer (an event id) no larger than "
+                     f"{MAX_STORED_INT}")
 OPENING_COMMENT = "streaming events after"  # + the seq the stream starts after
 
 
@@ -58,8 +60,12 @@ def resume_point(since: Since, last_event_id: str | None) -> ResumePoint:
         return ResumePoint(after_seq=None, since=since)
     text = last_event_id.strip()
     if not text.isascii() or not text.isdigit():
-        raise InvalidInput("Last-Event-ID must be a non-negative integer (an event id)")
-    return ResumePoint(after_seq=int(text), since=since)
+        raise InvalidInput(BAD_LAST_EVENT_ID)
+    # Measured before int(): Python refuses to convert more than 4,300 digits (ValueError).
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_STORED_INT)) or int(digits) > MAX_STORED_INT:
+        raise InvalidInput(BAD_LAST_EVENT_ID)
+    return ResumePoint(after_seq=int(digits), since=since)
 
 
 def start_after(resume: ResumePoint, last_seq: int) -> int:

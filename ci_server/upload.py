@@ -20,7 +20,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message, Receive
 
 from ci_common.errors import InvalidInput, TooLarge
-from ci_common.settings import format_size
+from ci_common.settings import Settings, format_size
 
 ARCHIVE_FIELD = "archive"
 TIMEOUT_FIELD = "timeout"
@@ -28,10 +28,12 @@ TIMEOUT_FIELD = "timeout"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FORM_FIELDS = 8
 MAX_FIELD_BYTES = 1024
+MAX_TIMEOUT_VARIABLE = Settings.env_names()["max_job_timeout_s"]
 
-# What /docs shows for POST /jobs (the body is parsed by hand, after authentication).
-SUBMISSION_OPENAPI: dict[str, Any] = {
-    "requestBody": {
+
+def submission_openapi(max_timeout_s: float) -> dict[str, Any]:
+    """What the spec says of POST /jobs's body (parsed by hand, after authentication)."""
+    return {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
             "type": "object",
@@ -41,12 +43,13 @@ SUBMISSION_OPENAPI: dict[str, Any] = {
                                 "description": "zip of the project root: src/, tests/, "
                                                "requirements.txt"},
                 TIMEOUT_FIELD: {"type": "number", "exclusiveMinimum": 0,
+                                "maximum": max_timeout_s,
                                 "description": "seconds the job may run (default: the "
-                                               "server's CI_JOB_TIMEOUT)"},
+                                               "server's CI_JOB_TIMEOUT; at most its "
+                                               f"{MAX_TIMEOUT_VARIABLE})"},
             },
         }}},
-    },
-}
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +97,20 @@ class CountingReceive:
         return message
 
 
-def parse_timeout(raw: str | None) -> float | None:
-    """The optional `timeout` form field: a positive number of seconds."""
+def parse_timeout(raw: str | None, max_timeout_s: float) -> float | None:
+    """The optional `timeout` form field: a positive number of seconds, at most the maximum."""
     if raw is None or not raw.strip():
         return None
+    shown = raw.strip()[:40]
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        shown = raw.strip()[:40]
         raise InvalidInput(f"timeout must be a positive number of seconds, not {shown!r}")
+    if value > max_timeout_s:
+        raise InvalidInput(f"timeout must be at most {max_timeout_s:g} seconds (the server's "
+                           f"{MAX_TIMEOUT_VARIABLE}), not {shown!r}")
     return value
 
 
@@ -129,8 +135,9 @@ async def parse_form(request: Request, max_body_bytes: int) -> FormData:
             raise InvalidInput(exc.message) from None
 
 
-async def read_submission(request: Request, max_upload_bytes: int) -> Submission:
+async def read_submission(request: Request, settings: Settings) -> Submission:
     """Parse the multipart body, counting bytes as they arrive; raise TooLarge or InvalidInput."""
+    max_upload_bytes = settings.max_upload_bytes
     check_declared_length(request.headers.get("content-length"), max_upload_bytes)
     counted = Request(request.scope, CountingReceive(request.receive, max_upload_bytes))
     form = await parse_form(counted, max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
@@ -142,7 +149,7 @@ async def read_submission(request: Request, max_upload_bytes: int) -> Submission
         timeout = form.get(TIMEOUT_FIELD)
         if timeout is not None and not isinstance(timeout, str):
             raise InvalidInput(f"'{TIMEOUT_FIELD}' must be a form field, not a file")
-        timeout_seconds = parse_timeout(timeout)
+        timeout_seconds = parse_timeout(timeout, settings.max_job_timeout_s)
     finally:
         await form.close()
     if len(archive) > max_upload_bytes:

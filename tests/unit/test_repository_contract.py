@@ -27,7 +27,7 @@ from ci_common.models import (
     TestReport,
     User,
 )
-from ci_common.repository import Repository
+from ci_common.repository import MAX_STORED_INT, Repository
 from ci_common.settings import format_size
 from ci_common.wire import EndData
 from ci_persistence import InMemoryRepository, SqliteRepository
@@ -305,6 +305,12 @@ def test_list_and_count_jobs_of_one_status(repo: Repository, user: User) -> None
     assert repo.count_jobs(user.id, status=JobStatus.QUEUED) == 1
     assert repo.count_jobs(user.id, status=JobStatus.FAILED) == 0
     assert repo.count_jobs(user.id) == 3
+
+
+def test_list_jobs_takes_any_offset_up_to_the_stored_int_limit(repo: Repository,
+                                                               user: User) -> None:
+    new_jobs(repo, user, 1)
+    assert repo.list_jobs(user.id, limit=500, offset=MAX_STORED_INT) == []
 
 
 # --------------------------------------------------------------------------- cancel
@@ -591,6 +597,7 @@ def test_list_events_after_seq_and_limit(repo: Repository, user: User) -> None:
     assert [e.seq for e in repo.list_events(job.id, after_seq=5)] == [6, 7, 8]
     assert [e.seq for e in repo.list_events(job.id, after_seq=2, limit=2)] == [3, 4]
     assert repo.list_events(job.id, after_seq=8) == []
+    assert repo.list_events(job.id, after_seq=MAX_STORED_INT) == []
     assert repo.last_event_seq(job.id) == 8
     assert repo.last_event_seq(str(uuid.uuid4())) == 0
     assert all(is_aware_utc(e.created_at) for e in repo.list_events(job.id))

@@ -1,8 +1,10 @@
-"""ci_server.errors: the status mapping, one-line details, and the client-gone filter."""
+"""ci_server.errors: the status mapping, one-line details, and the request boundary."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import anyio
 import pytest
@@ -22,8 +24,8 @@ from ci_common.errors import (
 )
 from ci_server.errors import (
     AddressRateLimited,
-    IgnoreClientGone,
     NotStarted,
+    RequestBoundary,
     headers_for,
     is_client_gone,
     one_line,
@@ -71,13 +73,17 @@ def test_is_client_gone() -> None:
     assert not is_client_gone(RuntimeError("boom"))
 
 
-def run_app(fail: BaseException, start_first: bool) -> list[Message]:
+def run_app(fail: BaseException, start_first: bool, end_body: bool = False,
+            headers: list[tuple[bytes, bytes]] | None = None) -> list[Message]:
+    """The messages RequestBoundary sends for an app that fails with `fail`."""
     sent: list[Message] = []
 
     async def app(scope: object, receive: object, send: object) -> None:
         if start_first:
             await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
                         "headers": []})
+        if end_body:
+            await send({"type": "http.response.body", "body": b"x"})  # type: ignore[operator]
         raise fail
 
     async def receive() -> Message:
@@ -86,20 +92,77 @@ def run_app(fail: BaseException, start_first: bool) -> list[Message]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    asyncio.run(IgnoreClientGone(app)({"type": "http", "path": "/x"}, receive, send))
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": headers or []}
+    asyncio.run(RequestBoundary(app)(scope, receive, send))
     return sent
 
 
-def test_client_gone_after_the_response_started_is_swallowed() -> None:
+def ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "ci_server.errors"]
+
+
+def body_of(sent: list[Message]) -> dict[str, str]:
+    body: dict[str, str] = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    return body
+
+
+def request_id_header(sent: list[Message]) -> str:
+    return dict(sent[0]["headers"])[b"x-request-id"].decode()
+
+
+def test_client_gone_after_the_response_started_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     gone = ExceptionGroup("tg", [anyio.BrokenResourceError()])
     assert [m["type"] for m in run_app(gone, start_first=True)] == ["http.response.start"]
+    assert [r.levelno for r in ours(caplog)] == [logging.DEBUG]
 
 
-def test_client_gone_before_the_response_started_propagates() -> None:
-    with pytest.raises(ExceptionGroup):
-        run_app(ExceptionGroup("tg", [anyio.BrokenResourceError()]), start_first=False)
+def test_client_gone_before_the_response_started_is_one_info_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sent = run_app(ExceptionGroup("tg", [anyio.BrokenResourceError()]), start_first=False)
+    assert sent[0]["status"] == 400
+    [record] = ours(caplog)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert "GET /x: the client went away" in record.getMessage()
 
 
-def test_real_errors_propagate_even_mid_stream() -> None:
-    with pytest.raises(ZeroDivisionError):
-        run_app(ZeroDivisionError(), start_first=True)
+def test_an_unexpected_error_is_answered_500_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sent = run_app(ZeroDivisionError("boom"), start_first=False)
+    request_id = request_id_header(sent)
+    assert sent[0]["status"] == 500
+    assert body_of(sent) == {"detail": f"internal server error (request id {request_id})"}
+    [record] = ours(caplog)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert record.getMessage() == f"request {request_id}: GET /x failed"
+
+
+def test_an_error_mid_stream_ends_the_body_and_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sent = run_app(ZeroDivisionError(), start_first=True)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[-1]["more_body"] is False
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+def test_an_error_after_the_response_ended_sends_nothing_more() -> None:
+    sent = run_app(ZeroDivisionError(), start_first=True, end_body=True)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+def test_cancellation_is_not_caught() -> None:
+    with pytest.raises(BaseExceptionGroup):
+        run_app(BaseExceptionGroup("tg", [asyncio.CancelledError()]), start_first=True)
+
+
+@pytest.mark.parametrize(("incoming", "kept"), [
+    ("abc-123", True), ("lb.7f3a:9_x", True), ("x" * 64, True),
+    ("x" * 65, False), ("has space", False), ("-leading", False), ("ünï", False), ("", False),
+])
+def test_an_incoming_request_id_is_kept_only_when_sane(incoming: str, kept: bool) -> None:
+    sent = run_app(ZeroDivisionError(), start_first=False,
+                   headers=[(b"x-request-id", incoming.encode("latin-1", "replace"))])
+    chosen = request_id_header(sent)
+    assert (chosen == incoming) is kept
+    assert len(chosen) <= 64

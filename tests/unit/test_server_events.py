@@ -142,6 +142,27 @@ def test_bad_last_event_id_is_400(server: Server, value: str) -> None:
     assert response.json()["detail"].startswith("Last-Event-ID must be a non-negative integer")
 
 
+@pytest.mark.parametrize("value", [str(2**63), "1" * 4301, "9" * 5000],
+                         ids=["2^63", "4301-digits", "5000-digits"])
+def test_last_event_id_beyond_any_stored_seq_is_400(server: Server, value: str) -> None:
+    job_id = finished_job(server)
+    response = server.client.get(url(job_id), headers={**server.alice.headers,
+                                                       "Last-Event-ID": value})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Last-Event-ID must be a non-negative integer (an "
+                                         "event id) no larger than 9223372036854775807"}
+
+
+def test_the_largest_last_event_id_and_leading_zeros_are_event_ids(server: Server) -> None:
+    job_id = finished_job(server, "a\n", "b\n")
+    events = read_stream(server.client, url(job_id),
+                         {**server.alice.headers, "Last-Event-ID": str(2**63 - 1)})
+    assert [(e.seq, e.event) for e in events] == [(5, "end")]
+    events = read_stream(server.client, url(job_id),
+                         {**server.alice.headers, "Last-Event-ID": "0" * 5000 + "3"})
+    assert [e.seq for e in events] == [4, 5]
+
+
 def test_ownership_is_checked_before_the_resume_point(server: Server) -> None:
     job_id = finished_job(server)
     response = server.client.get(url(job_id, "since=never"),

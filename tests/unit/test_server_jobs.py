@@ -61,10 +61,30 @@ def test_submit_refuses_a_bad_timeout(server: Server, timeout: str) -> None:
     assert server.repo.count_jobs(server.alice.user.id) == 0
 
 
+@pytest.fixture
+def capped() -> Iterator[Server]:
+    yield from make_server(max_job_timeout_s=600.0)
+
+
+@pytest.mark.parametrize("timeout", ["601", "1e300", "600.001"])
+def test_submit_refuses_a_timeout_over_the_maximum(capped: Server, timeout: str) -> None:
+    response = upload(capped.client, capped.alice, project_zip(), timeout=timeout)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "timeout must be at most 600 seconds (the server's "
+                                         f"CI_MAX_JOB_TIMEOUT), not {timeout!r}"}
+    assert capped.repo.count_jobs(capped.alice.user.id) == 0
+
+
+def test_submit_takes_a_timeout_of_exactly_the_maximum(capped: Server) -> None:
+    response = upload(capped.client, capped.alice, project_zip(), timeout="600")
+    assert response.status_code == 201
+    assert capped.repo.get_job(response.json()["id"]).timeout_seconds == 600.0
+
+
 def test_parse_timeout() -> None:
-    assert parse_timeout(None) is None
-    assert parse_timeout(" ") is None
-    assert parse_timeout("1.5") == 1.5
+    assert parse_timeout(None, 10.0) is None
+    assert parse_timeout(" ", 10.0) is None
+    assert parse_timeout("1.5", 10.0) == 1.5
 
 
 def test_submit_without_the_archive_field(server: Server) -> None:
@@ -206,13 +226,21 @@ def test_list_filters_by_status(server: Server) -> None:
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=ten",
-                                   "status=passed"])
+                                   "status=passed", f"offset={2**63}",
+                                   "offset=" + "9" * 5000])
 def test_list_validates_paging(server: Server, query: str) -> None:
     response = server.client.get(f"/jobs?{query}", headers=server.alice.headers)
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert isinstance(detail, str) and detail.startswith("invalid query.")
     assert "\n" not in detail
+
+
+def test_the_largest_offset_lists_nothing(server: Server) -> None:
+    server.submit()
+    response = server.client.get(f"/jobs?offset={2**63 - 1}", headers=server.alice.headers)
+    assert response.status_code == 200
+    assert response.json()["jobs"] == [] and response.json()["total"] == 1
 
 
 def test_get_job(server: Server) -> None:
@@ -299,7 +327,8 @@ def test_unexpected_errors_are_a_one_line_500() -> None:
     with TestClient(create_app(Settings(), repo), raise_server_exceptions=False) as client:
         response = client.get("/jobs", headers=account.headers)
     assert response.status_code == 500
-    assert response.json() == {"detail": "internal server error"}
+    request_id = response.headers["X-Request-ID"]
+    assert response.json() == {"detail": f"internal server error (request id {request_id})"}
 
 
 def test_openapi_documents_every_endpoint_and_its_errors(server: Server) -> None:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from ci_common.keys import generate_key
 from ci_common.models import JobOutcome, JobStatus, OutputChunk, OutputStream, User, utcnow
+from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
@@ -35,7 +36,7 @@ class Account:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-def add_account(repo: InMemoryRepository, email: str) -> Account:
+def add_account(repo: Repository, email: str) -> Account:
     user = repo.create_user(email.split("@")[0], email)
     new = generate_key()
     api_key = repo.create_api_key(user.id, "dev", new.key_hash, new.prefix)

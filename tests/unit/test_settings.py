@@ -15,6 +15,8 @@ def test_defaults_match_the_documented_ones() -> None:
     assert settings.runner_image == "python:3.12-slim"
     assert settings.reconcile_interval_s == 2.0
     assert settings.max_upload_bytes == 50 * 1024 * 1024
+    assert settings.max_job_timeout_s == 86400.0
+    assert Settings.from_env({"CI_MAX_JOB_TIMEOUT": "600"}).max_job_timeout_s == 600.0
 
 
 def test_environment_and_overrides() -> None:
