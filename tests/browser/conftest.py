@@ -44,13 +44,16 @@ def chromium_path() -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop running in this
+# thread until it stops, and the tests after this package (asyncio.run in the server's unit
+# tests) must find none when everything runs in one process.
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright: Playwright, chromium_path: str) -> Iterator[Browser]:
     try:
         launched = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
