@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from ci_common.models import JobOutcome, JobStatus, TestReport
 from ci_common.wire import ReportData
+from ci_controller.runner_entry import MAX_FAILING, MAX_TEST_ID, REPORT_PREFIX, SLOWEST
 
 REASON_INSTALL_FAILED = "dependency installation failed"
 REASON_TIMED_OUT = "timed out"
@@ -72,10 +73,6 @@ def _failed(reason: str, exit_code: int | None) -> JobOutcome:
     return JobOutcome(status=JobStatus.FAILED, exit_code=exit_code, success=False, reason=reason)
 
 
-REPORT_PREFIX = "report "  # runner_entry.REPORT_PREFIX: the runner's summary of pytest's XML
-MAX_FAILING = 50
-MAX_SLOWEST = 5
-MAX_TEST_ID = 1000
 
 
 def report_from_phases(phases: Sequence[str]) -> TestReport | None:
@@ -103,7 +100,7 @@ def report_from_phases(phases: Sequence[str]) -> TestReport | None:
             report,
             failing=tuple(test[:MAX_TEST_ID] for test in report.failing[:MAX_FAILING]),
             slowest=tuple(replace(slow, test=slow.test[:MAX_TEST_ID])
-                          for slow in report.slowest[:MAX_SLOWEST]))
+                          for slow in report.slowest[:SLOWEST]))
     return None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ci_common.models import Fence, utcnow
+from ci_common.models import utcnow
 from ci_persistence.sqlite import SqliteRepository
 from tests.e2e.crash_helpers import (
     StartWatch,
@@ -23,6 +23,8 @@ from tests.e2e.harness import (
     PASSING_TEST,
     Deployment,
     LineReader,
+    Process,
+    User,
     job_id_from,
     numbered_lines_in,
     numbered_lines_test,
@@ -99,32 +101,38 @@ def test_a_killed_controllers_running_job_is_adopted_by_another_on_its_engine(
     wait_until(lambda: not container_states(dep), 30, "the finished job's container to go")
 
 
-def ghost(dep: Deployment) -> tuple[SqliteRepository, Fence]:
-    """A controller on a host that died: its lease, last renewed a minute ago, on its engine.
+def ghost_claims_a_job(dep: Deployment, tmp_path: Path, started: bool
+                       ) -> tuple[Process, User, str]:
+    """A job submitted for real, then claimed (and, if started, marked running) by a controller
+    on a host that died: its lease, last renewed a minute ago, on that host's engine.
 
-    Its rows are written exactly as it left them; the server, the controller that takes over,
-    the CLI and Docker are all real.
+    The gone controller's rows are written exactly as it left them; the server, the controller
+    that takes over, the CLI and Docker are all real. Returns the server, the user, the job id.
     """
+    server = dep.start_server()
+    user = dep.create_user()
+    project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST})
+    job_id = submit_async(dep, server, project, user.api_key)
     repository = SqliteRepository(str(dep.db_path))
-    then = utcnow() - timedelta(seconds=60)
-    lease = repository.acquire_lease("ghost", "dead-host", 4242, "0.1.0", then, 3.0)
-    repository.record_engine(lease.fence, "engine-of-the-dead-host")
-    return repository, lease.fence
+    try:
+        lease = repository.acquire_lease("ghost", "dead-host", 4242, "0.1.0",
+                                         utcnow() - timedelta(seconds=60), 3.0)
+        repository.record_engine(lease.fence, "engine-of-the-dead-host")
+        claimed = repository.claim_next_job(lease.fence)
+        assert claimed is not None and claimed.id == job_id
+        if started:
+            repository.mark_running(job_id, "a-container-on-the-dead-host", utcnow(),
+                                    fence=lease.fence)
+    finally:
+        repository.close()
+    return server, user, job_id
 
 
 def test_a_gone_controllers_claimed_job_is_queued_again_and_runs(
         deployment: Deployment, tmp_path: Path) -> None:
     dep = deployment
-    server = dep.start_server()
-    user = dep.create_user()
-    project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST})
-    job_id = submit_async(dep, server, project, user.api_key)
-    repository, fence = ghost(dep)
-    try:
-        claimed = repository.claim_next_job(fence)  # claimed; the host died before it started
-        assert claimed is not None and claimed.id == job_id
-    finally:
-        repository.close()
+    # Claimed; the host died before it started the job.
+    server, user, job_id = ghost_claims_a_job(dep, tmp_path, started=False)
     taker = dep.start_controller(CI_CONTROLLER_LEASE=LEASE_S)
     result = dep.ci("wait", job_id, server=server, api_key=user.api_key)
     assert result.returncode == 0, result.stderr
@@ -138,16 +146,7 @@ def test_a_gone_controllers_claimed_job_is_queued_again_and_runs(
 def test_a_gone_controllers_running_job_elsewhere_fails_as_controller_lost(
         deployment: Deployment, tmp_path: Path) -> None:
     dep = deployment
-    server = dep.start_server()
-    user = dep.create_user()
-    project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST})
-    job_id = submit_async(dep, server, project, user.api_key)
-    repository, fence = ghost(dep)
-    try:
-        assert repository.claim_next_job(fence) is not None
-        repository.mark_running(job_id, "a-container-on-the-dead-host", utcnow(), fence=fence)
-    finally:
-        repository.close()
+    server, user, job_id = ghost_claims_a_job(dep, tmp_path, started=True)
     live = LineReader(dep.ci_popen("wait", job_id, server=server, api_key=user.api_key))
     taker = dep.start_controller(CI_CONTROLLER_LEASE=LEASE_S)
     out, err, code = live.finish()
