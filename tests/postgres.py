@@ -48,6 +48,9 @@ def bin_dir() -> Path:
     """The directory of initdb and postgres: CI_POSTGRES_BIN, else scripts/ensure-postgres."""
     given = os.environ.get("CI_POSTGRES_BIN")
     if given:
+        missing = [name for name in ("initdb", "postgres") if not (Path(given) / name).is_file()]
+        if missing:
+            raise PostgresUnavailable(f"CI_POSTGRES_BIN={given} has no {' or '.join(missing)}")
         return Path(given)
     done = subprocess.run([str(ROOT / "scripts" / "ensure-postgres")], capture_output=True,
                           text=True, check=False)
