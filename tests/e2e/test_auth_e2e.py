@@ -207,7 +207,6 @@ def test_revoked_key_is_refused_from_the_very_next_request(site: Site) -> None:
     assert site.call("GET", f"/jobs/{site.job_id}", bearer(spare_key)).status == 200
 
 
-@on_both_backends
 def test_deactivated_user_is_refused_at_once_and_reactivation_restores(site: Site) -> None:
     dep, owner = site.dep, site.owner
     second_key, _ = add_key(dep, owner.email)
