@@ -70,6 +70,7 @@ class OutputFollower:
         self.verdict_seen = threading.Event()  # the runner's last word arrived (not just EOF)
         self._on_verdict = on_verdict
         self._abandon = threading.Event()  # stop retrying failed writes
+        self._store_failing = False  # the last write failed (the database is away or busy)
         self._detaching = threading.Event()  # the output goes on; we just stop following it
         self._stopping = threading.Event()  # finish() or detach() was called
         self._reader = threading.Thread(target=self._read, daemon=True,
@@ -186,6 +187,9 @@ class OutputFollower:
                                                skipped_bytes=skipped)
                 self._cursor = cursor
                 self.writes += 1
+                if self._store_failing:
+                    log.info("job %s: storing output works again", self.job_id)
+                    self._store_failing = False
                 return
             except LeaseLost as exc:
                 # Refused for good: retrying cannot help, and whoever owns the job now stores
@@ -200,8 +204,9 @@ class OutputFollower:
                     log.error("job %s: gave up storing %d output frames: %s", self.job_id,
                               len(frames), exc)
                     return
-                if delay == RETRY_FIRST_S:
+                if not self._store_failing:
                     log.warning("job %s: storing output failed (%s); retrying", self.job_id, exc)
+                self._store_failing = True
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
@@ -230,6 +235,13 @@ class OutputFollower:
                 return
         self._reader.join(JOIN_S)
         self._writer.join(JOIN_S)
+        # The output is over but not all stored because the database is away (a PostgreSQL
+        # restart): wait for it, however long. The job cannot be finished without it either,
+        # and giving up here would lose those lines for good. A warm stop need not wait: the
+        # next controller re-reads what is not stored from the container.
+        while self._writer.is_alive() and self._store_failing and \
+                not self._detaching.is_set():
+            self._writer.join(JOIN_S)
         if self._writer.is_alive():
             self._abandon.set()
             self._writer.join(JOIN_S)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from ci_common.errors import CIError, LeaseLost, RuntimeUnavailable
+from ci_common.errors import CIError, DatabaseUnavailable, LeaseLost, RuntimeUnavailable
 from ci_common.models import Fence, Job, JobOutcome, JobStatus, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 WAIT_SLICE_S = 1.0  # the longest a supervisor is deaf to a detach while waiting on its container
 DRAIN_S = 2.0  # after exit, how long to wait for the rest of a killed container's output
 EXIT_AFTER_VERDICT_S = 5.0  # how long a failed run's verdict waits for its container to exit
+FINISH_RETRY_MAX_S = 2.0  # the longest pause between attempts to record an outcome
 
 
 def runner_source() -> bytes:
@@ -348,7 +349,23 @@ class JobSupervisor:
         self._remove_quietly(container_id)
 
     def _finish(self, outcome: JobOutcome) -> None:
-        self.job = self._repository.finish_job(self.job_id, outcome, utcnow(), fence=self._fence)
+        # The outcome is known only here (the container may be gone soon): while the database
+        # is away, keep it and try again rather than leave the job to a re-adoption.
+        # finish_job is fenced and idempotent, so a commit whose answer was lost is harmless.
+        delay = 0.1
+        while True:
+            try:
+                self.job = self._repository.finish_job(self.job_id, outcome, utcnow(),
+                                                       fence=self._fence)
+                break
+            except DatabaseUnavailable as exc:
+                if self._detached.is_set():
+                    raise
+                if delay == 0.1:
+                    log.warning("job %s: recording its end failed (%s); retrying", self.job_id,
+                                exc.message)
+                self._detached.wait(delay)
+                delay = min(delay * 2, FINISH_RETRY_MAX_S)
         log.info("job %s: finished: %s", self.job_id, describe(self.job_outcome(outcome)))
 
     def job_outcome(self, fallback: JobOutcome) -> JobOutcome:

@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import DictRow, dict_row
-from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+from psycopg.rows import DictRow
+from psycopg_pool import PoolClosed, PoolTimeout
 
 from ci_common.dburl import redact_url, scrub
 from ci_common.errors import CIError, DatabaseError, DatabaseUnavailable
+from ci_persistence.pg_pool import RecoveringPool
 
 T = TypeVar("T")
 Cursor = psycopg.Cursor[DictRow]
@@ -49,7 +50,7 @@ class PostgresConnector:
             if "connect_timeout" not in conninfo_to_dict(url):
                 self._kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
         self._instance = uuid.uuid4().hex  # the NOTIFY payload: our own commits are not news
-        self._pool: ConnectionPool[psycopg.Connection[DictRow]] | None = None
+        self._pool: RecoveringPool | None = None
         self._pool_size = pool_size
         self._closed = False
         self._count_lock = threading.Lock()
@@ -67,12 +68,10 @@ class PostgresConnector:
 
     def open_pool(self) -> None:
         """Start the pool; it connects in the background (connect() proved the server is up)."""
-        self._pool = ConnectionPool(
-            self.url, min_size=1, max_size=self._pool_size, timeout=POOL_TIMEOUT_S,
-            kwargs={"autocommit": True, "row_factory": dict_row, **self._kwargs},
-            connection_class=psycopg.Connection[DictRow], name="ci", open=False)
+        self._pool = RecoveringPool(self.url, self._pool_size, POOL_TIMEOUT_S, self.shown,
+                                    self._kwargs)
         with self.errors():
-            self._pool.open(wait=False)
+            self._pool.open()
 
     def close(self) -> None:
         """Close the pool and the listener. Safe to call twice."""

@@ -48,6 +48,9 @@ def bin_dir() -> Path:
     """The directory of initdb and postgres: CI_POSTGRES_BIN, else scripts/ensure-postgres."""
     given = os.environ.get("CI_POSTGRES_BIN")
     if given:
+        missing = [name for name in ("initdb", "postgres") if not (Path(given) / name).is_file()]
+        if missing:
+            raise PostgresUnavailable(f"CI_POSTGRES_BIN={given} has no {' or '.join(missing)}")
         return Path(given)
     done = subprocess.run([str(ROOT / "scripts" / "ensure-postgres")], capture_output=True,
                           text=True, check=False)
@@ -94,18 +97,33 @@ class PostgresServer:
             self._run([str(self._bin / "initdb"), "-D", str(self._data), "-U", "postgres",
                        "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"])
             self.port = free_port()
-            command = [str(self._bin / "postgres"), "-D", str(self._data), "-p", str(self.port),
-                       "-k", str(self._sockets)]
-            for name, value in _SERVER_SETTINGS.items():
-                command += ["-c", f"{name}={value}"]
-            with open(self._log, "wb") as log:
-                self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL, **self._as_postgres())
-            self._wait_until_ready()
+            self._launch()
             return self
         except BaseException:
             self.stop()
             raise
+
+    def _launch(self) -> None:
+        command = [str(self._bin / "postgres"), "-D", str(self._data), "-p", str(self.port),
+                   "-k", str(self._sockets)]
+        for name, value in _SERVER_SETTINGS.items():
+            command += ["-c", f"{name}={value}"]
+        with open(self._log, "ab") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, **self._as_postgres())
+        self._wait_until_ready()
+
+    def go_down(self) -> None:
+        """Fast shutdown (every client is cut off), keeping the data and the port: fault tests."""
+        process, self._process = self._process, None
+        assert process is not None, "the server is not running"
+        process.send_signal(2)
+        process.wait(timeout=30)
+
+    def come_back(self) -> None:
+        """Start the server again after go_down(), on the same port and data. Raises with log."""
+        assert self._process is None, "the server is running"
+        self._launch()
 
     def _as_postgres(self) -> dict[str, object]:
         # PostgreSQL refuses to run as root; Popen switches user in the child, so the pid we

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import REPO_ROOT, Deployment
+from tests.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +33,31 @@ def ca_bundle() -> str:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, runner_image: str, ca_bundle: str | None) -> Iterator[Deployment]:
-    """A fresh deployment (nothing started yet); everything it starts is torn down after."""
-    dep = Deployment(workdir=tmp_path, runner_image=runner_image, ca_bundle=ca_bundle)
+def backend() -> str:
+    """The deployment's database: "sqlite", unless a test parametrizes it (on_both_backends)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def deployment(request: pytest.FixtureRequest, tmp_path: Path, runner_image: str,
+               ca_bundle: str | None, backend: str) -> Iterator[Deployment]:
+    """A fresh deployment (nothing started yet); everything it starts is torn down after.
+
+    On "postgres" its database is a new one on the session's throwaway server (asked for only
+    then, so SQLite-only runs never start PostgreSQL), dropped afterwards.
+    """
+    server: PostgresServer | None = None
+    database: str | None = None
+    if backend == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        database = server.create_database()
+    elif backend != "sqlite":
+        raise ValueError(f"unknown backend {backend!r}")
+    dep = Deployment(workdir=tmp_path, runner_image=runner_image, ca_bundle=ca_bundle,
+                     database_url=server.url(database) if server and database else None)
     try:
         yield dep
     finally:
         dep.close()
+        if server is not None and database is not None:
+            server.drop_database(database)

@@ -1,8 +1,10 @@
 """Real deployments for end-to-end tests: server and controller processes on free ports.
 
-Each `Deployment` owns a temp database (so its own installation id), a container prefix, and
-the processes it started; `close()` kills them and removes every container labelled with its
-installation id, so tests running in parallel (pytest -n auto) never see each other's jobs.
+Each `Deployment` owns a database (so its own installation id): a temp SQLite file, or, with
+`database_url`, a fresh PostgreSQL database on the test session's throwaway server. It owns a
+container prefix and the processes it started; `close()` kills them and removes every container
+labelled with its installation id, so tests running in parallel (pytest -n auto) never see each
+other's jobs.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ from pathlib import Path
 
 import docker
 import httpx
+import pytest
 
+from ci_common.repository import Repository
 from ci_persistence.sqlite import SqliteRepository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY_PATTERN = re.compile(r"ci_[A-Za-z0-9_-]{32,}")
+BACKENDS = ("sqlite", "postgres")
+# The e2e tests that matter for a shared database run on both; the `deployment` fixture reads
+# the `backend` parameter (tests/e2e/conftest.py).
+on_both_backends = pytest.mark.parametrize("backend", BACKENDS)
 
 
 def free_port() -> int:
@@ -85,8 +93,10 @@ class Deployment:
     runner_image: str
     ca_bundle: str | None
     extra_env: dict[str, str] = field(default_factory=dict)
+    database_url: str | None = None  # PostgreSQL instead of the SQLite file at db_path
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     processes: list[Process] = field(default_factory=list)
+    _pg_installation: str | None = field(default=None, init=False, repr=False)
 
     @property
     def db_path(self) -> Path:
@@ -96,8 +106,28 @@ class Deployment:
     def controller_id(self) -> str:
         return self.extra_env.get("CI_CONTROLLER_ID", f"test-{self.run_id}")
 
+    @property
+    def backend(self) -> str:
+        return "postgres" if self.database_url else "sqlite"
+
+    def open_repository(self) -> Repository:
+        """The deployment's database as a repository, as a service opens it (caller closes)."""
+        if self.database_url:
+            from ci_persistence.postgres import PostgresRepository
+
+            return PostgresRepository(self.database_url)
+        return SqliteRepository(str(self.db_path))
+
     def installation_id(self) -> str:
         """The id the database was given at creation (the database is made now if need be)."""
+        if self.database_url:
+            if self._pg_installation is None:  # asked at every container listing: ask once
+                repository = self.open_repository()
+                try:
+                    self._pg_installation = repository.installation_id()
+                finally:
+                    repository.close()
+            return self._pg_installation
         if not self.db_path.exists():
             SqliteRepository(str(self.db_path)).close()
         conn = sqlite3.connect(self.db_path)
@@ -131,6 +161,9 @@ class Deployment:
         )
         if self.ca_bundle:
             env["CI_CA_BUNDLE"] = self.ca_bundle
+        env.pop("CI_DATABASE_URL", None)
+        if self.database_url:
+            env["CI_DATABASE_URL"] = self.database_url  # wins over CI_DB_PATH
         env.pop("CI_API_KEY", None)
         env.pop("CI_SERVER_URL", None)
         env.update(self.extra_env)

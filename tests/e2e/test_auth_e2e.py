@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
-from ci_persistence.sqlite import SqliteRepository
 from tests.e2e.harness import (
     KEY_PATTERN,
     PASSING_TEST,
@@ -35,6 +35,7 @@ from tests.e2e.harness import (
     Process,
     User,
     free_port,
+    on_both_backends,
     wait_for_health,
     write_project,
     zip_project,
@@ -126,11 +127,16 @@ class Site:
 
     def job_count(self) -> int:
         """Every job in the database, whoever owns it (the owner's key may be refused now)."""
+        if self.dep.database_url:
+            with psycopg.connect(self.dep.database_url) as pg:
+                row = pg.execute("SELECT COUNT(*) FROM jobs").fetchone()
+                assert row is not None
+                return int(row[0])
         with contextlib.closing(sqlite3.connect(self.dep.db_path)) as conn:
             return int(conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
     def cancel_requested(self) -> bool:
-        repository = SqliteRepository(str(self.dep.db_path))
+        repository = self.dep.open_repository()
         try:
             return repository.get_job(self.job_id).cancel_requested
         finally:
@@ -186,6 +192,7 @@ def test_every_endpoint_refuses_missing_malformed_and_unknown_keys(site: Site) -
     site.assert_refused_everywhere(bearer(near_miss), "invalid API key")
 
 
+@on_both_backends
 def test_revoked_key_is_refused_from_the_very_next_request(site: Site) -> None:
     dep, owner = site.dep, site.owner
     spare_key, _ = add_key(dep, owner.email)
@@ -222,6 +229,7 @@ def comparable(answer: Answer, job_id: str) -> tuple[int, str, bytes]:
     return answer.status, answer.headers.get("content-type", ""), body
 
 
+@on_both_backends
 def test_another_users_job_is_a_404_identical_to_a_missing_one(site: Site) -> None:
     bob = site.dep.create_user()
     job_id = site.job_id

@@ -33,6 +33,7 @@ from tests.e2e.harness import (
     free_port,
     numbered_lines_in,
     numbered_lines_test,
+    on_both_backends,
     submit_async,
     write_project,
     zip_project,
@@ -109,6 +110,7 @@ def test_controller_killed_twice_mid_output_resumes_exactly(
     wait_until(lambda: not container_states(dep), 30, "the finished job's container to be removed")
 
 
+@on_both_backends
 def test_queued_and_starting_jobs_run_exactly_once_after_a_controller_kill(
     deployment: Deployment, tmp_path: Path, watch: StartWatch
 ) -> None:

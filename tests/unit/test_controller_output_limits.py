@@ -6,12 +6,18 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from ci_common.models import EventKind
+import pytest
+
+from ci_common.errors import DatabaseUnavailable
+from ci_common.models import EventKind, JobEvent
+from ci_controller import follower as follower_module
 from ci_controller import runner_entry
 from ci_controller.follower import OutputFollower
 from ci_controller.framing import (
@@ -169,3 +175,34 @@ def test_skipped_bytes_reach_the_marker_of_the_log_cap() -> None:
     job = repo.get_job(job_id)
     assert job.dropped_bytes == 1_000_000 + 100 + len(skipped_text(1_000_000).encode())
     assert repo.get_job(job_id).output_bytes == 300
+
+
+class AwayDatabase(InMemoryRepository):
+    """A repository whose output writes fail as a database that is away would, until told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.away = False
+        self.refused = 0
+
+    def append_output(self, *args: Any, **kwargs: Any) -> list[JobEvent]:
+        if self.away:
+            self.refused += 1
+            raise DatabaseUnavailable("cannot reach PostgreSQL at postgresql://ci@db/ci")
+        return super().append_output(*args, **kwargs)
+
+
+def test_output_the_database_cannot_take_yet_is_kept_until_it_can(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container is done but the database is away for longer than the follower's stop
+    waits: the follower holds on (it used to give the lines up), and stores them once."""
+    monkeypatch.setattr(follower_module, "JOIN_S", 0.1)
+    repo = AwayDatabase()
+    job_id = running_job(repo)
+    repo.away = True
+    threading.Timer(1.0, lambda: setattr(repo, "away", False)).start()
+    texts = follow(repo, job_id, frame_lines(
+        (1, "stdout", "one\n"), (2, "stdout", "two\n"), (3, "phase", "tests exited 0")))
+    assert repo.refused > 1
+    assert texts == ["one\ntwo\n"]
+    assert repo.get_job(job_id).log_cursor == 2

@@ -373,3 +373,30 @@ def test_an_unreachable_server_is_one_error_naming_the_url_without_its_password(
     message = refused.value.message
     assert f"postgresql://ci@127.0.0.1:{url.rsplit(':', 1)[1]}" in message
     assert "hunter2" not in message and "\n" not in message
+
+
+def test_a_restarted_server_is_503_material_at_once_and_usable_as_soon_as_it_is_back() -> None:
+    """Down: calls fail fast with DatabaseUnavailable (no 30 s pool wait). Back: the very next
+    call works (no reconnect backoff left over from the outage)."""
+    server = PostgresServer().start()
+    try:
+        url = server.url(server.create_database(template=None), password="pw-7c1e")
+        repo = PostgresRepository(url)
+        try:
+            user = repo.create_user("Ada", "ada@example.com")
+            server.go_down()
+            for _ in range(3):  # the broken pooled connection, then direct probes
+                started = time.monotonic()
+                with pytest.raises(DatabaseUnavailable) as refused:
+                    repo.get_user(user.id)
+                assert time.monotonic() - started < 5
+                assert "pw-7c1e" not in refused.value.message
+            time.sleep(3)  # long enough for psycopg-pool's backoff to have grown
+            server.come_back()
+            started = time.monotonic()
+            assert repo.get_user(user.id) == user
+            assert time.monotonic() - started < 2
+        finally:
+            repo.close()
+    finally:
+        server.stop()
