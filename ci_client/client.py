@@ -18,14 +18,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 from httpx_sse import connect_sse
-from pydantic import BaseModel, ValidationError
 
 from ci_client.config import parse_server_urls
-from ci_client.events import EndEvent, JobStreamEvent, parse_event
+from ci_client.lazy import lazy_module
 from ci_common.errors import (
     AuthenticationError,
     CIError,
@@ -38,12 +37,22 @@ from ci_common.errors import (
     TooLarge,
 )
 from ci_common.models import JobStatus
-from ci_common.wire import JobCreated, JobList, JobView
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from ci_client import events
+    from ci_client.events import JobStreamEvent
+    from ci_common import wire
+    from ci_common.wire import JobCreated, JobList, JobView
+else:  # pydantic loads on the first answer: `ci submit test` sends its upload before (#10)
+    events = lazy_module("ci_client.events")
+    wire = lazy_module("ci_common.wire")
 
 PAGE = 500  # the most jobs the server sends in one page
 
 Since = Literal["start", "now"]
-ModelT = TypeVar("ModelT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound="BaseModel")
 
 # Longer than the server's SSE keep-alive interval (CI_SSE_KEEPALIVE, 15 s by default), so a
 # quiet but healthy stream never times out, while a dead one is noticed within a minute.
@@ -124,7 +133,7 @@ class CIClient:
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
         files = {"archive": ("project.zip", archive_bytes, "application/zip")}
         response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
-        return _parse(JobCreated, response)
+        return _parse(wire.JobCreated, response)
 
     def list_jobs(self, limit: int = 50, offset: int = 0,
                   status: JobStatus | None = None) -> JobList:
@@ -132,7 +141,7 @@ class CIClient:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status is not None:
             params["status"] = status.value
-        return _parse(JobList, self._request("GET", "/jobs", params=params))
+        return _parse(wire.JobList, self._request("GET", "/jobs", params=params))
 
     def newest_jobs(self, count: int, status: JobStatus | None = None) -> JobList:
         """The caller's newest `count` jobs, fetched a server page (500) at a time."""
@@ -143,17 +152,17 @@ class CIClient:
             page = self.list_jobs(limit=min(count - len(jobs), PAGE), offset=len(jobs),
                                   status=status)
             jobs.extend(page.jobs)
-        return JobList(jobs=jobs, total=page.total, limit=count, offset=0)
+        return wire.JobList(jobs=jobs, total=page.total, limit=count, offset=0)
 
     def get_job(self, job_id: str) -> JobView:
         """One job; NotFound when it is missing or someone else's."""
-        return _parse(JobView, self._request("GET", f"/jobs/{job_id}", job_id=job_id))
+        return _parse(wire.JobView, self._request("GET", f"/jobs/{job_id}", job_id=job_id))
 
     def cancel(self, job_id: str) -> JobView:
         """Ask for a job to be cancelled; returns the job as it is right after the request."""
         # Cancelling twice is harmless, so a request that may have been lost can be repeated.
         response = self._request("POST", f"/jobs/{job_id}/cancel", job_id=job_id)
-        return _parse(JobView, response)
+        return _parse(wire.JobView, response)
 
     def get_log(self, job_id: str, tail: int | None = None) -> str:
         """The job's output stored so far, as text (the last `tail` lines with tail)."""
@@ -227,7 +236,7 @@ class CIClient:
                     delay = policy.initial_delay_s
                     give_up_at = self._clock() + policy.give_up_after_s
                     yield event
-                    if isinstance(event, EndEvent):
+                    if isinstance(event, events.EndEvent):
                         return
                 failure = f"the stream from {base} ended before the job did"
             except _StreamDropped as exc:
@@ -264,7 +273,7 @@ class CIClient:
                     "; is it a CI server?"
                 )
             for sse in src.iter_sse():
-                event = parse_event(sse)
+                event = events.parse_event(sse)
                 if event is not None:
                     yield event
                 elif not sse.data and sse.id.isascii() and sse.id.isdigit():
@@ -323,7 +332,7 @@ def unreachable_message(urls: Sequence[str]) -> str:
 def _parse(model: type[ModelT], response: httpx.Response) -> ModelT:
     try:
         return model.model_validate(response.json())
-    except (ValueError, ValidationError) as exc:
+    except ValueError as exc:  # pydantic's ValidationError is one
         raise ServerError(
             f"unexpected answer from the CI server ({response.status_code} "
             f"{response.request.method} {response.request.url.path}): not a {model.__name__}"
