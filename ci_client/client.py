@@ -24,7 +24,6 @@ import httpx
 from httpx_sse import connect_sse
 
 from ci_client.config import parse_server_urls
-from ci_client.lazy import lazy_module
 from ci_common.errors import (
     AuthenticationError,
     CIError,
@@ -38,16 +37,15 @@ from ci_common.errors import (
 )
 from ci_common.models import JobStatus
 
+# pydantic (the wire models, the events) is imported where an answer is parsed, not here:
+# `ci submit test` sends its upload before paying for it (issue #10). Plain imports in the
+# functions, not importlib's LazyLoader: this library may be used from several threads, and
+# Python 3.11's LazyLoader is not thread-safe.
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from ci_client import events
     from ci_client.events import JobStreamEvent
-    from ci_common import wire
     from ci_common.wire import JobCreated, JobList, JobView
-else:  # pydantic loads on the first answer: `ci submit test` sends its upload before (#10)
-    events = lazy_module("ci_client.events")
-    wire = lazy_module("ci_common.wire")
 
 PAGE = 500  # the most jobs the server sends in one page
 
@@ -133,7 +131,9 @@ class CIClient:
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
         files = {"archive": ("project.zip", archive_bytes, "application/zip")}
         response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
-        return _parse(wire.JobCreated, response)
+        from ci_common.wire import JobCreated
+
+        return _parse(JobCreated, response)
 
     def list_jobs(self, limit: int = 50, offset: int = 0,
                   status: JobStatus | None = None) -> JobList:
@@ -141,10 +141,14 @@ class CIClient:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status is not None:
             params["status"] = status.value
-        return _parse(wire.JobList, self._request("GET", "/jobs", params=params))
+        from ci_common.wire import JobList
+
+        return _parse(JobList, self._request("GET", "/jobs", params=params))
 
     def newest_jobs(self, count: int, status: JobStatus | None = None) -> JobList:
         """The caller's newest `count` jobs, fetched a server page (500) at a time."""
+        from ci_common.wire import JobList
+
         jobs: list[JobView] = []
         page = self.list_jobs(limit=min(count, PAGE), status=status)
         jobs.extend(page.jobs)
@@ -152,17 +156,21 @@ class CIClient:
             page = self.list_jobs(limit=min(count - len(jobs), PAGE), offset=len(jobs),
                                   status=status)
             jobs.extend(page.jobs)
-        return wire.JobList(jobs=jobs, total=page.total, limit=count, offset=0)
+        return JobList(jobs=jobs, total=page.total, limit=count, offset=0)
 
     def get_job(self, job_id: str) -> JobView:
         """One job; NotFound when it is missing or someone else's."""
-        return _parse(wire.JobView, self._request("GET", f"/jobs/{job_id}", job_id=job_id))
+        from ci_common.wire import JobView
+
+        return _parse(JobView, self._request("GET", f"/jobs/{job_id}", job_id=job_id))
 
     def cancel(self, job_id: str) -> JobView:
         """Ask for a job to be cancelled; returns the job as it is right after the request."""
         # Cancelling twice is harmless, so a request that may have been lost can be repeated.
         response = self._request("POST", f"/jobs/{job_id}/cancel", job_id=job_id)
-        return _parse(wire.JobView, response)
+        from ci_common.wire import JobView
+
+        return _parse(JobView, response)
 
     def get_log(self, job_id: str, tail: int | None = None) -> str:
         """The job's output stored so far, as text (the last `tail` lines with tail)."""
@@ -213,6 +221,8 @@ class CIClient:
         the server URLs, and gives up with ServerUnreachable after `give_up_after_s` without a
         new event. Authentication errors and NotFound are raised at once.
         """
+        from ci_client.events import EndEvent
+
         policy = self.reconnect
         last_seq: int | None = None
         opened_after: int | None = None  # where the first stream began, per the server
@@ -236,7 +246,7 @@ class CIClient:
                     delay = policy.initial_delay_s
                     give_up_at = self._clock() + policy.give_up_after_s
                     yield event
-                    if isinstance(event, events.EndEvent):
+                    if isinstance(event, EndEvent):
                         return
                 failure = f"the stream from {base} ended before the job did"
             except _StreamDropped as exc:
@@ -256,6 +266,8 @@ class CIClient:
         self, base: str, job_id: str, since: Since, last_seq: int | None
     ) -> Iterator[JobStreamEvent | _Position]:
         """One connection's worth of events (possibly replaying some already seen)."""
+        from ci_client.events import parse_event
+
         headers = {} if last_seq is None else {"Last-Event-ID": str(last_seq)}
         url = f"{base}/jobs/{job_id}/events"
         with connect_sse(self._http, "GET", url, params={"since": since}, headers=headers) as src:
@@ -273,7 +285,7 @@ class CIClient:
                     "; is it a CI server?"
                 )
             for sse in src.iter_sse():
-                event = events.parse_event(sse)
+                event = parse_event(sse)
                 if event is not None:
                     yield event
                 elif not sse.data and sse.id.isascii() and sse.id.isdigit():

@@ -3,6 +3,8 @@
 `ci` is started for every command; importing httpx and pydantic alone costs several tenths of a
 second, more than the whole of `ci --help` should take (issue #10). The standard library's
 `importlib.util.LazyLoader` makes a module object whose first attribute access runs the import.
+For the single-threaded CLI only: Python 3.11's LazyLoader is not thread-safe, so library code
+(client.py) imports inside its functions instead.
 tests/unit/test_client_imports.py checks which modules `import ci_client.cli` loads.
 """
 
