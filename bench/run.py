@@ -1,12 +1,15 @@
 """Speed of the main path against a fresh local deployment; prints numbers, asserts nothing.
 
-    .venv/bin/python bench/run.py [--runs 5]
+    .venv/bin/python bench/run.py [--runs 5] [--client-start]
 
 1. submit → first test-output line at the client, and submit → exit, for examples/calculator;
    the same `pip install -r requirements.txt && python -m pytest -v` with a plain `docker run`,
    measured in the same run, and the ratio between the two (target ≤ 1.10).
 2. Line latency from the container's print to the client (p50, p95, max; targets ≤ 10 ms and
    ≤ 100 ms) for a test that prints a timestamp every 100 ms.
+3. How soon `ci` gets going: `ci --help`, `ci list` against the bench server, and `ci submit
+   test` to its first request (targets ≤ 0.15 s; bench/client_start.py). `--client-start`
+   measures only these (a server, no controller, no Docker).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench import client_start  # noqa: E402
 from tests.e2e.harness import Deployment, write_project  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "calculator"
@@ -89,7 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--ticks", type=int, default=100)
+    parser.add_argument("--client-start", action="store_true",
+                        help="only measure how soon `ci` gets going (no Docker needed)")
     args = parser.parse_args()
+    if args.client_start:
+        client_start_only(args.runs)
+        return
 
     image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -117,6 +126,7 @@ def main() -> None:
             baselines.append(timed_docker_run(image, project, ca_bundle))
 
         latencies = line_latencies(dep, ticks, key)
+        starts = measure_client_start(dep, project, key, args.runs)
     finally:
         dep.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -130,6 +140,30 @@ def main() -> None:
     print(f"line latency over {len(latencies)} lines: p50 {percentile(latencies, 0.5):.1f} ms, "
           f"p95 {percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms   "
           f"(targets p50 ≤ 10 ms, max ≤ 100 ms)")
+    client_start.report(*starts, args.runs)
+
+
+def measure_client_start(dep: Deployment, project: Path, key: str,
+                         runs: int) -> tuple[float, float, float]:
+    """`ci --help`, `ci list` and `ci submit test` → first request, in seconds (medians)."""
+    server_url = str(dep.processes[-1].url)
+    return (client_start.time_help(runs), client_start.time_list(server_url, key, runs),
+            client_start.time_to_first_request(project, key, runs))
+
+
+def client_start_only(runs: int) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
+    dep = Deployment(workdir=workdir, runner_image="unused", ca_bundle=None)
+    try:
+        dep.start_server()
+        key = dep.create_user("bench@example.com").api_key
+        project = workdir / "calculator"
+        shutil.copytree(EXAMPLE, project)
+        starts = measure_client_start(dep, project, key, runs)
+    finally:
+        dep.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    client_start.report(*starts, runs)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,24 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import httpx
 
-from ci_client import render
-from ci_client.client import CIClient, ReconnectPolicy, Since
-from ci_client.config import ClientConfig, load_config
-from ci_client.events import EndEvent, OutputEvent, StatusEvent
-from ci_client.packing import describe_archive, pack
+from ci_client.lazy import lazy_module
 from ci_common.errors import CIError
 from ci_common.models import JobStatus
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ci_client import events, packing, render
+    from ci_client.client import CIClient, ReconnectPolicy, Since
+    from ci_client.config import ClientConfig
+else:  # imported on first use: httpx, pydantic and pathspec are not needed by every command
+    events = lazy_module("ci_client.events")
+    packing = lazy_module("ci_client.packing")
+    render = lazy_module("ci_client.render")
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,12 +55,16 @@ class CLIState:
 
     def config(self, max_upload: str | None = None) -> ClientConfig:
         """The resolved configuration (options > environment > config file > defaults)."""
+        from ci_client.config import load_config
+
         return load_config(api_key=self.api_key, server=self.server, max_upload=max_upload,
                            environ=os.environ if self.environ is None else self.environ,
                            config_path=self.config_path)
 
     def client(self, config: ClientConfig) -> CIClient:
         """A client for the configured servers; raises when no API key was found."""
+        from ci_client.client import CIClient
+
         return CIClient(config.server_urls, config.require_api_key(), transport=self.transport,
                         reconnect=self.reconnect)
 
@@ -159,8 +169,8 @@ def submit_test(ctx: click.Context, run_async: bool, timeout: float | None,
     state = ctx.ensure_object(CLIState)
     config = state.config(max_upload)
     config.require_api_key()  # before packing: no point packing what cannot be sent
-    packed = pack(Path.cwd(), config.max_upload_bytes)
-    _status(f"Packing project… {describe_archive(packed)}")
+    packed = packing.pack(Path.cwd(), config.max_upload_bytes)
+    _status(f"Packing project… {packing.describe_archive(packed)}")
     _status("Uploading…")
     with state.client(config) as client:
         created = client.submit(packed.archive, timeout)
@@ -277,9 +287,9 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 def _wait_for_end(client: CIClient, job_id: str) -> None:
     """Block until the job's END event (its output is not shown)."""
-    with contextlib.closing(client.stream_events(job_id, "now")) as events:
-        for event in events:
-            if isinstance(event, EndEvent):
+    with contextlib.closing(client.stream_events(job_id, "now")) as stream:
+        for event in stream:
+            if isinstance(event, events.EndEvent):
                 return
     raise CIError(f"the event stream of job {job_id} ended without the job's result")
 
@@ -287,9 +297,9 @@ def _wait_for_end(client: CIClient, job_id: str) -> None:
 def _follow(client: CIClient, job_id: str, since: Since) -> int:
     """Print a job's events until it ends; the exit code for its result."""
     at_line_start = True
-    with contextlib.closing(client.stream_events(job_id, since)) as events:
-        for event in events:
-            if isinstance(event, OutputEvent):
+    with contextlib.closing(client.stream_events(job_id, since)) as stream:
+        for event in stream:
+            if isinstance(event, events.OutputEvent):
                 _write_output(event.text)
                 if event.text:
                     at_line_start = event.text.endswith("\n")
@@ -297,9 +307,9 @@ def _follow(client: CIClient, job_id: str, since: Since) -> int:
             if not at_line_start:
                 _status("")  # keep status lines off the end of an unfinished output line
                 at_line_start = True
-            if isinstance(event, StatusEvent):
+            if isinstance(event, events.StatusEvent):
                 _status(f"Status: {event.status.value}")
-            elif isinstance(event, EndEvent):
+            elif isinstance(event, events.EndEvent):
                 _status(render.result_line(event.end))
                 if event.end.report is not None:
                     for line in render.report_lines(event.end.report):

@@ -18,14 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 from httpx_sse import connect_sse
-from pydantic import BaseModel, ValidationError
 
 from ci_client.config import parse_server_urls
-from ci_client.events import EndEvent, JobStreamEvent, parse_event
 from ci_common.errors import (
     AuthenticationError,
     CIError,
@@ -38,12 +36,21 @@ from ci_common.errors import (
     TooLarge,
 )
 from ci_common.models import JobStatus
-from ci_common.wire import JobCreated, JobList, JobView
+
+# pydantic (the wire models, the events) is imported where an answer is parsed, not here:
+# `ci submit test` sends its upload before paying for it (issue #10). Plain imports in the
+# functions, not importlib's LazyLoader: this library may be used from several threads, and
+# Python 3.11's LazyLoader is not thread-safe.
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from ci_client.events import JobStreamEvent
+    from ci_common.wire import JobCreated, JobList, JobView
 
 PAGE = 500  # the most jobs the server sends in one page
 
 Since = Literal["start", "now"]
-ModelT = TypeVar("ModelT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound="BaseModel")
 
 # Longer than the server's SSE keep-alive interval (CI_SSE_KEEPALIVE, 15 s by default), so a
 # quiet but healthy stream never times out, while a dead one is noticed within a minute.
@@ -124,6 +131,8 @@ class CIClient:
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
         files = {"archive": ("project.zip", archive_bytes, "application/zip")}
         response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
+        from ci_common.wire import JobCreated
+
         return _parse(JobCreated, response)
 
     def list_jobs(self, limit: int = 50, offset: int = 0,
@@ -132,10 +141,14 @@ class CIClient:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status is not None:
             params["status"] = status.value
+        from ci_common.wire import JobList
+
         return _parse(JobList, self._request("GET", "/jobs", params=params))
 
     def newest_jobs(self, count: int, status: JobStatus | None = None) -> JobList:
         """The caller's newest `count` jobs, fetched a server page (500) at a time."""
+        from ci_common.wire import JobList
+
         jobs: list[JobView] = []
         page = self.list_jobs(limit=min(count, PAGE), status=status)
         jobs.extend(page.jobs)
@@ -147,12 +160,16 @@ class CIClient:
 
     def get_job(self, job_id: str) -> JobView:
         """One job; NotFound when it is missing or someone else's."""
+        from ci_common.wire import JobView
+
         return _parse(JobView, self._request("GET", f"/jobs/{job_id}", job_id=job_id))
 
     def cancel(self, job_id: str) -> JobView:
         """Ask for a job to be cancelled; returns the job as it is right after the request."""
         # Cancelling twice is harmless, so a request that may have been lost can be repeated.
         response = self._request("POST", f"/jobs/{job_id}/cancel", job_id=job_id)
+        from ci_common.wire import JobView
+
         return _parse(JobView, response)
 
     def get_log(self, job_id: str, tail: int | None = None) -> str:
@@ -204,6 +221,8 @@ class CIClient:
         the server URLs, and gives up with ServerUnreachable after `give_up_after_s` without a
         new event. Authentication errors and NotFound are raised at once.
         """
+        from ci_client.events import EndEvent
+
         policy = self.reconnect
         last_seq: int | None = None
         opened_after: int | None = None  # where the first stream began, per the server
@@ -247,6 +266,8 @@ class CIClient:
         self, base: str, job_id: str, since: Since, last_seq: int | None
     ) -> Iterator[JobStreamEvent | _Position]:
         """One connection's worth of events (possibly replaying some already seen)."""
+        from ci_client.events import parse_event
+
         headers = {} if last_seq is None else {"Last-Event-ID": str(last_seq)}
         url = f"{base}/jobs/{job_id}/events"
         with connect_sse(self._http, "GET", url, params={"since": since}, headers=headers) as src:
@@ -323,7 +344,7 @@ def unreachable_message(urls: Sequence[str]) -> str:
 def _parse(model: type[ModelT], response: httpx.Response) -> ModelT:
     try:
         return model.model_validate(response.json())
-    except (ValueError, ValidationError) as exc:
+    except ValueError as exc:  # pydantic's ValidationError is one
         raise ServerError(
             f"unexpected answer from the CI server ({response.status_code} "
             f"{response.request.method} {response.request.url.path}): not a {model.__name__}"

@@ -29,11 +29,13 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pathspec
+from typing import TYPE_CHECKING
 
 from ci_common.errors import ProjectLayoutError, TooLarge
 from ci_common.settings import format_size
+
+if TYPE_CHECKING:
+    import pathspec
 
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024**2  # the server's default CI_MAX_UPLOAD
 REQUIRED_LAYOUT = ("src/", "tests/", "requirements.txt")
@@ -223,6 +225,8 @@ class _IgnoreRules:
             lines = gitignore.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             return
+        import pathspec  # here: `ci list` loads this module for a constant, never for rules
+
         self._specs.append((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)))
 
     def ignored(self, rel: str, *, is_dir: bool) -> bool:

@@ -196,6 +196,13 @@ class Repository(Protocol):
     def count_queued_jobs(self) -> int:
         """Queued jobs that no controller has claimed yet."""
 
+    def count_jobs_by_status(self) -> dict[JobStatus, int]:
+        """Every user's jobs counted by status, each status present (0 when none); for metrics.
+
+        One aggregate read at scrape time, no write: cheap enough for every scrape of every
+        replica with tens of thousands of finished jobs.
+        """
+
     # ----------------------------------------------------------------- controller leases
     def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
                       now: datetime, lease_s: float,

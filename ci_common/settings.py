@@ -66,6 +66,8 @@ class Settings:
     cancel_grace_s: float = field(default=10.0, metadata={"env": "CI_CANCEL_GRACE"})
     # Finished jobs older than this lose their output and archive (0: keep them forever).
     retention_days: float = field(default=30.0, metadata={"env": "CI_RETENTION_DAYS"})
+    # Where the controller serves its Prometheus metrics; None: not at all.
+    metrics_port: int | None = field(default=None, metadata={"env": "CI_METRICS_PORT"})
 
     # --- server: what it accepts ---
     max_upload_bytes: int = field(default=50 * 1024**2, metadata={"env": "CI_MAX_UPLOAD"})
@@ -111,7 +113,7 @@ def _convert(name: str, type_name: Any, raw: str, env_name: str) -> Any:
     try:
         if name.endswith("_bytes"):
             return parse_size(raw)
-        if type_name in ("int",):
+        if type_name in ("int", "int | None"):
             return int(raw)
         if type_name in ("float",):
             return float(raw)

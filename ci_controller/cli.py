@@ -21,6 +21,7 @@ from ci_common.settings import Settings
 from ci_controller import lease
 from ci_controller.docker_runtime import DockerRuntime
 from ci_controller.lease import LeaseKeeper
+from ci_controller.metrics import ControllerMetrics
 from ci_controller.reconciler import Controller
 from ci_persistence import open_repository
 
@@ -48,15 +49,20 @@ def _open_repository(settings: Settings) -> Repository:
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
-    """Open the database, take the lease on the controller id, then reconcile until `stop`."""
+    """Serve metrics if asked, open the database, take the lease on the controller id, then
+    reconcile until `stop`."""
+    metrics = ControllerMetrics()
+    if settings.metrics_port is not None:  # first: a taken port fails before anything is held
+        metrics.serve(settings.metrics_port)
+        log.info("metrics on port %d", settings.metrics_port)
     repository = _open_repository(settings)
     try:
         held = lease.acquire(settings, repository)
         keeper = LeaseKeeper(repository, held, settings.controller_lease_s, on_lost=stop.set)
         keeper.start()
         try:
-            Controller(settings, repository, DockerRuntime(),
-                       fence=held.fence).run_forever(stop)
+            Controller(settings, repository, DockerRuntime(), fence=held.fence,
+                       metrics=metrics).run_forever(stop)
         finally:
             keeper.stop(release=True)
         if keeper.lost.is_set():
@@ -76,9 +82,11 @@ def run(settings: Settings, stop: threading.Event) -> None:
               help="Seconds between full reconciles (CI_RECONCILE_INTERVAL; default 2.0).")
 @click.option("--max-jobs", type=click.IntRange(min=1), default=None,
               help="Jobs run at the same time (CI_MAX_CONCURRENT_JOBS; default 4).")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
+              help="Serve Prometheus metrics on this port (CI_METRICS_PORT; default: off).")
 @click.option("--debug", is_flag=True, help="Verbose logs, and tracebacks on errors.")
 def command(db_path: str | None, database_url: str | None, interval: float | None,
-            max_jobs: int | None, debug: bool) -> None:
+            max_jobs: int | None, metrics_port: int | None, debug: bool) -> None:
     """Run queued CI jobs in Docker containers until stopped (SIGTERM or Ctrl-C)."""
     _configure_logging(debug)
     stop = threading.Event()
@@ -94,7 +102,8 @@ def command(db_path: str | None, database_url: str | None, interval: float | Non
     try:
         settings = Settings.from_env(db_path=db_path, database_url=database_url,
                                      reconcile_interval_s=interval,
-                                     max_concurrent_jobs=max_jobs)
+                                     max_concurrent_jobs=max_jobs,
+                                     metrics_port=metrics_port)
         run(settings, stop)
     except CIError as exc:
         if debug:

@@ -31,6 +31,7 @@ from ci_common.errors import CIError, LeaseLost, NotFound, RuntimeUnavailable
 from ci_common.models import Fence, Job, JobOutcome, JobStatus, TakeOver, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
+from ci_controller.metrics import ControllerMetrics
 from ci_controller.outcome import REASON_CONTAINER_LOST, cancelled_before_start
 from ci_controller.runtime import ContainerRuntime, ContainerState, ContainerStatus
 from ci_controller.spec import LABEL_CONTROLLER_ID, LABEL_INSTALLATION_ID, LABEL_JOB_ID
@@ -51,7 +52,8 @@ class Controller:
     """Runs the jobs of one controller id in containers; see the module docstring."""
 
     def __init__(self, settings: Settings, repository: Repository, runtime: ContainerRuntime,
-                 *, fence: Fence, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, fence: Fence, clock: Callable[[], float] = time.monotonic,
+                 metrics: ControllerMetrics | None = None) -> None:
         self.settings = settings
         self.fence = fence  # this controller's lease, shown with every write for a job
         self.lease_lost: LeaseLost | None = None  # set once a write was refused
@@ -74,6 +76,8 @@ class Controller:
         self._prune_at = 0.0  # monotonic time of the next retention pass
         # claim → container started, for the most recent fresh starts (tests, diagnostics)
         self.start_latencies_s: deque[float] = deque(maxlen=100)
+        self.metrics = metrics or ControllerMetrics()
+        self.metrics.running_jobs.set_function(self.active_jobs)
 
     # ------------------------------------------------------------------ public
     def active_jobs(self) -> int:
@@ -200,6 +204,7 @@ class Controller:
 
     def note_engine_down(self, exc: RuntimeUnavailable) -> None:
         """Stop claiming until the engine answers; one error line per report window."""
+        self.metrics.engine_errors.inc()
         now = self._clock()
         with self._lock:
             self._engine_retry_at = now + self.settings.reconcile_interval_s
@@ -353,6 +358,7 @@ class Controller:
                                    on_lease_lost=self.note_lease_lost,
                                    container_id=container_id, on_done=self._supervisor_done,
                                    on_engine_down=self.note_engine_down,
+                                   on_started=self.metrics.container_start.observe,
                                    claimed_at=time.monotonic())
         with self._lock:
             self._supervisors[job.id] = supervisor
@@ -365,6 +371,9 @@ class Controller:
                 del self._supervisors[supervisor.job_id]
             if supervisor.start_latency_s is not None:
                 self.start_latencies_s.append(supervisor.start_latency_s)
+            if supervisor.job.status.is_terminal:
+                job = supervisor.job
+                self.metrics.observe_job(job.status, job.start_time, job.end_time)
             if not supervisor.job.status.is_terminal:
                 self._retry_at[supervisor.job_id] = self._clock() + RETRY_AFTER_ERROR_S
         self._wake.set()

@@ -103,6 +103,7 @@ class JobSupervisor:
                  on_done: Callable[[JobSupervisor], None] = lambda supervisor: None,
                  on_engine_down: Callable[[RuntimeUnavailable], None] = lambda exc: None,
                  on_lease_lost: Callable[[LeaseLost], None] = lambda exc: None,
+                 on_started: Callable[[float], None] = lambda latency_s: None,
                  claimed_at: float | None = None) -> None:
         self.job = job
         self._fence = fence
@@ -115,6 +116,7 @@ class JobSupervisor:
         self._container_id = container_id
         self._on_done = on_done
         self._on_engine_down = on_engine_down
+        self._on_started = on_started  # claim → container started, in seconds
         self._claimed_at = claimed_at if claimed_at is not None else time.monotonic()
         self._lock = threading.Lock()
         self._cancelled = False
@@ -228,6 +230,7 @@ class JobSupervisor:
             self._finish(outcome)
             return
         self.start_latency_s = time.monotonic() - self._claimed_at
+        self._on_started(self.start_latency_s)
         with self._lock:
             self._container_id = container_id
             stop_now = self._cancelled and not self._stop_sent

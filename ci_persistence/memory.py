@@ -420,6 +420,14 @@ class InMemoryRepository:
             return sum(1 for job in self._jobs.values()
                        if job.status is JobStatus.QUEUED and job.controller_id is None)
 
+    def count_jobs_by_status(self) -> dict[JobStatus, int]:
+        """Every user's jobs counted by status (0 when none)."""
+        with self._lock:
+            counts = dict.fromkeys(JobStatus, 0)
+            for job in self._jobs.values():
+                counts[job.status] += 1
+            return counts
+
     # ----------------------------------------------------------------- controller leases
     def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
                       now: datetime, lease_s: float,

@@ -450,6 +450,13 @@ class PostgresRepository:
         return int(self._db.query("SELECT count(*) AS n FROM jobs WHERE status = 'queued' "
                                   "AND controller_id IS NULL")[0]["n"])
 
+    def count_jobs_by_status(self) -> dict[JobStatus, int]:
+        """Every user's jobs counted by status (0 when none)."""
+        counts = dict.fromkeys(JobStatus, 0)
+        for row in self._db.query("SELECT status, count(*) AS n FROM jobs GROUP BY status"):
+            counts[JobStatus(row["status"])] = int(row["n"])
+        return counts
+
     # ----------------------------------------------------------------- controller leases
     def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
                       now: datetime, lease_s: float,

@@ -385,6 +385,13 @@ class SqliteRepository:
         return int(self._db.query("SELECT count(*) FROM jobs WHERE status = 'queued' "
                                   "AND controller_id IS NULL")[0][0])
 
+    def count_jobs_by_status(self) -> dict[JobStatus, int]:
+        """Every user's jobs counted by status (0 when none)."""
+        counts = dict.fromkeys(JobStatus, 0)
+        for status, count in self._db.query("SELECT status, count(*) FROM jobs GROUP BY status"):
+            counts[JobStatus(status)] = int(count)
+        return counts
+
     # ----------------------------------------------------------------- controller leases
     def acquire_lease(self, controller_id: str, host: str, pid: int, version: str,
                       now: datetime, lease_s: float,

@@ -26,6 +26,7 @@ from ci_common.settings import Settings
 from ci_persistence import open_repository
 from ci_server.errors import install_error_handlers
 from ci_server.logs import log_beside_uvicorn
+from ci_server.metrics import ServerMetrics
 from ci_server.openapi import install_openapi
 from ci_server.ratelimit import FailureLimiter
 from ci_server.relay import EventRelay
@@ -55,7 +56,8 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
     `on_start`, if given, runs first, when serving begins rather than at import.
     """
     state = ServerState(settings=settings,
-                        limiter=FailureLimiter(settings.auth_failures_per_minute))
+                        limiter=FailureLimiter(settings.auth_failures_per_minute),
+                        metrics=ServerMetrics(lambda: state.repository))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

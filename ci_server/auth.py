@@ -71,6 +71,7 @@ def current_user(
         key = presented_key(authorization, credentials)
         return authenticate(get_repository(request), key, utcnow())
     except AuthenticationError:
+        state.metrics.auth_failures.inc()
         # A request without any key is not a guess; only presented keys count as failures.
         if authorization is not None:
             state.limiter.record_failure(address)

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ci_common.models import Job, JobStatus
@@ -22,7 +23,7 @@ from ci_server.auth import CurrentUser
 from ci_server.events import ResumePoint, Since, resume_point, stream_events
 from ci_server.joblog import last_lines, output_text, stored_events
 from ci_server.relay import EventRelay, Subscription
-from ci_server.state import get_relay, get_repository, get_settings
+from ci_server.state import get_relay, get_repository, get_settings, get_state
 from ci_server.upload import read_submission
 
 MAX_PAGE = 500
@@ -69,6 +70,14 @@ OwnedJob = Annotated[Job, Depends(owned_job)]
 @router.get("/health", tags=["service"], summary="Liveness check (no authentication)")
 def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+# No key: Prometheus scrapes without one. Nothing in it is per user; keep it off public networks.
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format (see ci_server/metrics.py); sync: the collector reads the DB."""
+    return Response(generate_latest(get_state(request).metrics.registry),
+                    media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(
@@ -144,7 +153,8 @@ def resume(
     return resume_point(since, last_event_id)
 
 
-async def job_subscription(job: OwnedJob, relay: Annotated[EventRelay, Depends(get_relay)],
+async def job_subscription(request: Request, job: OwnedJob,
+                           relay: Annotated[EventRelay, Depends(get_relay)],
                            ) -> AsyncIterator[Subscription]:
     """The stream's relay subscription, removed when the request ends, however it ends.
 
@@ -152,7 +162,8 @@ async def job_subscription(job: OwnedJob, relay: Annotated[EventRelay, Depends(g
     generator is suspended at a `yield`, FastAPI cancels the producer without closing the
     generator, and its `finally` would wait for the garbage collector.
     """
-    with relay.subscribe(job.id) as subscription:
+    watchers = get_state(request).metrics.sse_watchers
+    with watchers.track_inprogress(), relay.subscribe(job.id) as subscription:
         yield subscription
 
 

@@ -9,16 +9,18 @@ from fastapi import Request
 from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_server.errors import NotStarted
+from ci_server.metrics import ServerMetrics
 from ci_server.ratelimit import FailureLimiter
 from ci_server.relay import EventRelay
 
 
 @dataclass(slots=True)
 class ServerState:
-    """Settings and limiter from create_app; repository and relay once the lifespan started."""
+    """Settings, limiter and metrics from create_app; repository and relay once started."""
 
     settings: Settings
     limiter: FailureLimiter
+    metrics: ServerMetrics
     repository: Repository | None = None
     relay: EventRelay | None = field(default=None)
 

@@ -374,6 +374,19 @@ def test_claim_oldest_first_and_never_twice(repo: Repository, user: User) -> Non
     assert repo.count_queued_jobs() == 0
 
 
+def test_count_jobs_by_status_counts_every_users_jobs(repo: Repository, user: User) -> None:
+    assert repo.count_jobs_by_status() == dict.fromkeys(JobStatus, 0)
+    finished = running_job(repo, user)
+    repo.finish_job(finished.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, finished.id))
+    running_job(repo, user)
+    bob = repo.create_user("Bob", "bob@example.com")
+    new_jobs(repo, bob, 2)
+    counts = repo.count_jobs_by_status()
+    assert counts == {JobStatus.QUEUED: 2, JobStatus.RUNNING: 1, JobStatus.COMPLETED: 1,
+                      JobStatus.FAILED: 0, JobStatus.CANCELLED: 0}
+    assert repo.count_queued_jobs() == 2  # queue depth: only the unclaimed ones
+
+
 def test_claim_is_fair_between_users(repo: Repository, user: User) -> None:
     bob = repo.create_user("Bob", "bob@example.com")
     ada_jobs = new_jobs(repo, user, 3)
