@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.docker_proxy import DockerProxy
 from tests.e2e.harness import REPO_ROOT, Deployment
 from tests.postgres import PostgresServer
 
@@ -61,3 +63,14 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path, runner_image: str
         dep.close()
         if server is not None and database is not None:
             server.drop_database(database)
+
+
+@pytest.fixture
+def proxy() -> Iterator[DockerProxy]:
+    """A proxy in front of the Docker engine that a test can cut (an engine outage)."""
+    proxy = DockerProxy().start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        shutil.rmtree(proxy.socket_path.parent, ignore_errors=True)

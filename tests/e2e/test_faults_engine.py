@@ -65,16 +65,6 @@ RAW_FRAME = re.compile(r'\[\d+, "(stdout|stderr|phase)"')  # a runner frame cut 
 
 
 @pytest.fixture
-def proxy() -> Iterator[DockerProxy]:
-    proxy = DockerProxy().start()
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-        shutil.rmtree(proxy.socket_path.parent, ignore_errors=True)
-
-
-@pytest.fixture
 def spawned() -> Iterator[list[subprocess.Popen[str]]]:
     """Client processes the test starts; killed at the end whatever happened."""
     started: list[subprocess.Popen[str]] = []

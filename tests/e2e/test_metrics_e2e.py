@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -113,16 +112,6 @@ def test_controller_metrics_port_in_use_is_one_line_and_exit_1(deployment: Deplo
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: cannot serve metrics on port {taken}: ")
     assert result.stderr.count("\n") == 1, result.stderr
-
-
-@pytest.fixture
-def proxy() -> Iterator[DockerProxy]:
-    proxy = DockerProxy().start()
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-        shutil.rmtree(proxy.socket_path.parent, ignore_errors=True)
 
 
 def test_engine_errors_are_counted_while_the_engine_is_away(deployment: Deployment,
