@@ -15,10 +15,10 @@ import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from tests.browser.web import ARTIFACTS_DIR, Web
-from tests.e2e.conftest import ca_bundle, deployment, runner_image
+from tests.e2e.conftest import backend, ca_bundle, deployment, runner_image
 from tests.e2e.harness import REPO_ROOT, Deployment
 
-__all__ = ["ca_bundle", "deployment", "runner_image"]
+__all__ = ["backend", "ca_bundle", "deployment", "runner_image"]
 
 # Keep the browser off the network but for the page under test (see FIELD-NOTES).
 CHROMIUM_ARGS = [
