@@ -96,6 +96,8 @@ class Job:
     dropped_bytes: int  # bytes of output dropped by the log cap (the head is dropped)
     report: TestReport | None = None  # pytest's summary, once the tests ran
     pruned_at: datetime | None = None  # when retention removed its output and archive
+    pytest_args: tuple[str, ...] = ()  # given after `--` at submit; pytest gets them as argv
+    python_version: str | None = None  # chosen at submit (None: from before the choice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,26 @@ class JobOutcome:
     success: bool
     reason: str | None
     report: TestReport | None = None  # when pytest ran and wrote its report
+    # pytest's JUnit XML as written (within the runner's bound); stored apart from the job row
+    # and served by GET /jobs/{id}/junit, never carried by the END event.
+    junit_xml: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingJob:
+    """A queued job no controller has claimed yet, as the claim order sees it."""
+
+    id: str
+    user_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """Everything the claim order depends on, read at one moment (see policy.jobs_ahead)."""
+
+    waiting: tuple[WaitingJob, ...]  # queued, unclaimed, not cancelled
+    busy: dict[str, int]  # user id → claimed-but-unfinished jobs (users with none left out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ci_common.dburl import redact_url
 from ci_common.errors import InvalidInput
+from ci_common.python_images import PythonImages, parse_python_images
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
                "gb": 1024**3}
@@ -50,6 +51,10 @@ class Settings:
 
     # --- controller: which engine image, and how it runs jobs ---
     runner_image: str = field(default="python:3.12-slim", metadata={"env": "CI_RUNNER_IMAGE"})
+    # Python versions jobs may choose, VERSION=IMAGE,…; unset: runner_image alone (see
+    # ci_common.python_images). Servers check a job's version against it, controllers pick
+    # the image by it.
+    python_images_text: str | None = field(default=None, metadata={"env": "CI_PYTHON_IMAGES"})
     ca_bundle: str | None = field(default=None, metadata={"env": "CI_CA_BUNDLE"})
     container_prefix: str = field(default="ci_job_", metadata={"env": "CI_CONTAINER_PREFIX"})
     controller_id: str = field(default_factory=socket.gethostname,
@@ -97,7 +102,13 @@ class Settings:
                 continue
             values[f.name] = _convert(f.name, f.type, raw, f.metadata["env"])
         settings = cls(**values)
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings.python_images()  # a malformed CI_PYTHON_IMAGES stops the service at start
+        return settings
+
+    def python_images(self) -> PythonImages:
+        """The Python versions jobs may ask for, with their images (the first is the default)."""
+        return parse_python_images(self.python_images_text, self.runner_image)
 
     def database_shown(self) -> str:
         """Where the database is, for messages: the URL without its password, or the file."""
