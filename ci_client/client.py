@@ -126,9 +126,16 @@ class CIClient:
         self.close()
 
     # ----------------------------------------------------------------- requests
-    def submit(self, archive_bytes: bytes, timeout: float | None = None) -> JobCreated:
+    def submit(self, archive_bytes: bytes, timeout: float | None = None, *,
+               pytest_args: Sequence[str] = (), python: str | None = None) -> JobCreated:
         """Upload a packed project; the new job is queued."""
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
+        if pytest_args:
+            from ci_common.pytest_args import pytest_args_to_json
+
+            data["pytest_args"] = pytest_args_to_json(pytest_args)
+        if python is not None:
+            data["python"] = python
         files = {"archive": ("project.zip", archive_bytes, "application/zip")}
         response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
         from ci_common.wire import JobCreated
@@ -178,6 +185,12 @@ class CIClient:
         response = self._request("GET", f"/jobs/{job_id}/log", job_id=job_id, params=params)
         return response.text
 
+    def get_junit(self, job_id: str) -> bytes:
+        """The job's JUnit XML; NotFound saying why when it has none (or is not the caller's)."""
+        # No job_id: the server's 404 detail says why there is no report (it says "job … not
+        # found" itself for a missing or foreign job).
+        return self._request("GET", f"/jobs/{job_id}/junit").content
+
     def _request(
         self, method: str, path: str, *, idempotent: bool = True, job_id: str | None = None,
         **kwargs: Any,
@@ -221,7 +234,7 @@ class CIClient:
         the server URLs, and gives up with ServerUnreachable after `give_up_after_s` without a
         new event. Authentication errors and NotFound are raised at once.
         """
-        from ci_client.events import EndEvent
+        from ci_client.events import EndEvent, QueueEvent
 
         policy = self.reconnect
         last_seq: int | None = None
@@ -238,6 +251,9 @@ class CIClient:
                         # A `since=now` stream that drops before its first event resumes here.
                         if opened_after is None:
                             opened_after = event.seq
+                        continue
+                    if isinstance(event, QueueEvent):
+                        yield event  # no seq: nothing to resume from or deduplicate
                         continue
                     if last_seq is not None and event.seq <= last_seq:
                         continue  # replayed after a reconnect: already shown

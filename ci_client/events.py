@@ -1,7 +1,8 @@
 """Typed job events as the client reads them from the server's event stream.
 
 Each Server-Sent Event carries `id: <seq>`, `event: status|output|end` and a JSON body from
-`ci_common.wire`; `parse_event` turns one into a StatusEvent, OutputEvent or EndEvent.
+`ci_common.wire`; `parse_event` turns one into a StatusEvent, OutputEvent or EndEvent. While the
+job waits, `event: queue` (no id of its own) becomes a QueueEvent.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from ci_common.models import JobStatus, OutputStream
 from ci_common.wire import (
     SSE_EVENT_END,
     SSE_EVENT_OUTPUT,
+    SSE_EVENT_QUEUE,
     SSE_EVENT_STATUS,
     EndData,
     OutputData,
+    QueueData,
     StatusData,
 )
 
@@ -48,11 +51,26 @@ class EndEvent:
     end: EndData
 
 
-JobStreamEvent = StatusEvent | OutputEvent | EndEvent
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    """Where the waiting job stands: `ahead` jobs go first; None once it is starting.
+
+    Not a stored event: it has no seq, and a reconnect neither repeats nor skips for it.
+    """
+
+    ahead: int | None
+
+
+JobStreamEvent = StatusEvent | OutputEvent | EndEvent | QueueEvent
 
 
 def parse_event(sse: ServerSentEvent) -> JobStreamEvent | None:
     """The typed event for one SSE message; None for kinds this client does not know."""
+    if sse.event == SSE_EVENT_QUEUE:
+        try:
+            return QueueEvent(QueueData.model_validate_json(sse.data).ahead)
+        except ValidationError:
+            return None  # only a progress hint: never worth failing the stream for
     if sse.event not in (SSE_EVENT_STATUS, SSE_EVENT_OUTPUT, SSE_EVENT_END):
         return None  # a newer server may send more kinds; old clients ignore them
     try:

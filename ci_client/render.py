@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
 
@@ -127,6 +128,8 @@ def job_details(job: JobView, tz: tzinfo | None = None) -> str:
         ("Started", format_time(job.start_time, tz)),
         ("Ended", format_time(job.end_time, tz)),
         ("Duration", duration(job)),
+        ("Python", job.python_version or "the server's default"),
+        ("Pytest args", shlex.join(job.pytest_args) if job.pytest_args else "none"),
     ]
     if job.pruned_at is not None:
         fields.append(("Output", f"removed {format_time(job.pruned_at, tz)} (retention)"))
