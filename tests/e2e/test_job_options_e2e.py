@@ -45,6 +45,17 @@ def trixie_image() -> str:
     return image
 
 
+@pytest.fixture(scope="session")
+def python_images(runner_image: str, trixie_image: str) -> tuple[str, str]:
+    """CI_PYTHON_IMAGES for the default runner image (under its real version) and 3.13."""
+    version = subprocess.run(
+        ["docker", "run", "--rm", runner_image, "python3", "-c",
+         "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    assert version != "3.13", "the default runner image must be another Python than 3.13"
+    return f"{version}={runner_image},3.13={trixie_image}", version
+
+
 def one_line_error(response: httpx.Response) -> str:
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
@@ -65,9 +76,8 @@ def wait_until_running(server: Process, key: str, job_id: str, timeout: float = 
 
 
 def test_pytest_args_python_junit_and_queue_position(deployment: Deployment, tmp_path: Path,
-                                                     runner_image: str,
-                                                     trixie_image: str) -> None:
-    images = f"3.11={runner_image},3.13={trixie_image}"
+                                                     python_images: tuple[str, str]) -> None:
+    images, default = python_images
     deployment.extra_env.update(CI_PYTHON_IMAGES=images, CI_MAX_CONCURRENT_JOBS="1")
     deployment.start_controller()
     server = deployment.start_server()
@@ -75,8 +85,8 @@ def test_pytest_args_python_junit_and_queue_position(deployment: Deployment, tmp
     auth = {"Authorization": f"Bearer {user.api_key}"}
 
     # What a submission may choose, without a key.
-    assert httpx.get(f"{server.url}/info").json() == {"python_versions": ["3.11", "3.13"],
-                                                      "default_python": "3.11"}
+    assert httpx.get(f"{server.url}/info").json() == {"python_versions": [default, "3.13"],
+                                                      "default_python": default}
 
     # Refused before any job exists: one line, exit 2 from the CLI, 400 from the API.
     project = write_project(tmp_path / "p", {
@@ -95,7 +105,7 @@ def test_pytest_args_python_junit_and_queue_position(deployment: Deployment, tmp
     assert "--junitxml" in detail
     detail = one_line_error(httpx.post(f"{server.url}/jobs", headers=auth, files=zipped,
                                        data={"python": "2.7"}))
-    assert "3.11, 3.13" in detail
+    assert f"{default}, 3.13" in detail
     assert httpx.get(f"{server.url}/jobs", headers=auth).json()["total"] == 0
 
     # A job holds the one slot; a second waits; the third is watched from its submission.
