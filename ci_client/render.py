@@ -129,7 +129,8 @@ def job_details(job: JobView, tz: tzinfo | None = None) -> str:
         ("Ended", format_time(job.end_time, tz)),
         ("Duration", duration(job)),
         ("Python", job.python_version or "the server's default"),
-        ("Pytest args", shlex.join(job.pytest_args) if job.pytest_args else "none"),
+        # pytest's arguments from `--`; a label no longer than the others keeps the column
+        ("Arguments", shlex.join(job.pytest_args) if job.pytest_args else "none"),
     ]
     if job.pruned_at is not None:
         fields.append(("Output", f"removed {format_time(job.pruned_at, tz)} (retention)"))

@@ -597,7 +597,7 @@ def test_submit_passes_pytest_args_and_python_and_writes_the_junit_xml(
     assert target.read_text() == XML
     assert result.stderr.splitlines()[-1] == f"JUnit XML written to {target}"
     shown = service.run("show", job.id).stdout
-    assert "Python:      3.12" in shown and "Pytest args: -k 'slow and not db' -x" in shown
+    assert "Python:    3.12" in shown and "Arguments: -k 'slow and not db' -x" in shown
 
 
 def test_no_report_is_one_line_and_the_exit_code_stays_the_jobs(service: Service,
