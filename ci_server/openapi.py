@@ -43,7 +43,7 @@ def published_openapi(generated: dict[str, Any], settings: Settings) -> dict[str
     """FastAPI's document as this server publishes it."""
     spec = as_openapi_3_1(generated)
     spec["paths"][SUBMIT_PATH][SUBMIT_METHOD]["requestBody"] = submission_openapi(
-        settings.max_job_timeout_s, settings.python_images().versions)
+        settings.max_job_timeout_s)
     return spec
 
 
