@@ -373,32 +373,35 @@ def _follow(client: CIClient, job_id: str, since: Since, state: CLIState) -> int
     at_line_start = True
     queue_line = _queue_line(state)
     waiting = True  # queue positions count only until the job starts
-    with contextlib.closing(client.stream_events(job_id, since)) as stream:
-        for event in stream:
-            if isinstance(event, events.QueueEvent):
-                if waiting:
-                    queue_line.show(event.ahead)
-                continue
-            queue_line.close()
-            if not (isinstance(event, events.StatusEvent)
-                    and event.status is JobStatus.QUEUED):
-                waiting = False
-            if isinstance(event, events.OutputEvent):
-                _write_output(event.text)
-                if event.text:
-                    at_line_start = event.text.endswith("\n")
-                continue
-            if not at_line_start:
-                _status("")  # keep status lines off the end of an unfinished output line
-                at_line_start = True
-            if isinstance(event, events.StatusEvent):
-                _status(f"Status: {event.status.value}")
-            elif isinstance(event, events.EndEvent):
-                _status(render.result_line(event.end))
-                if event.end.report is not None:
-                    for line in render.report_lines(event.end.report):
-                        _status(line)
-                return render.exit_code_for(event.end.success)
+    try:
+        with contextlib.closing(client.stream_events(job_id, since)) as stream:
+            for event in stream:
+                if isinstance(event, events.QueueEvent):
+                    if waiting:
+                        queue_line.show(event.ahead)
+                    continue
+                queue_line.close()
+                if not (isinstance(event, events.StatusEvent)
+                        and event.status is JobStatus.QUEUED):
+                    waiting = False
+                if isinstance(event, events.OutputEvent):
+                    _write_output(event.text)
+                    if event.text:
+                        at_line_start = event.text.endswith("\n")
+                    continue
+                if not at_line_start:
+                    _status("")  # keep status lines off the end of an unfinished output line
+                    at_line_start = True
+                if isinstance(event, events.StatusEvent):
+                    _status(f"Status: {event.status.value}")
+                elif isinstance(event, events.EndEvent):
+                    _status(render.result_line(event.end))
+                    if event.end.report is not None:
+                        for line in render.report_lines(event.end.report):
+                            _status(line)
+                    return render.exit_code_for(event.end.success)
+    finally:
+        queue_line.close()  # a Ctrl-C or an error starts on a line of its own
     raise CIError(f"the event stream of job {job_id} ended without the job's result")
 
 
