@@ -37,6 +37,9 @@ STOP_TIMEOUT_S = 5.0
 # Queue positions are read at most this often (a read of every waiting job): a client sees a
 # new position within this long, and a busy database is not read once per output line.
 QUEUE_REFRESH_S = 0.2
+# ... and, when the queue is long, spend at most about a tenth of the thread on it: a read of
+# 10,000 waiting jobs takes ~0.1 s on SQLite here, and events wait behind it.
+QUEUE_READ_SHARE = 0.1
 _UNSENT = -1  # no position sent to the subscriber yet
 
 
@@ -200,6 +203,8 @@ class EventRelay:
             raise
         ahead = jobs_ahead(snapshot, wanted=placed)
         self.queue_reads += 1
+        spent = time.monotonic() - now
+        self._next_queue_read = now + max(QUEUE_REFRESH_S, spent / QUEUE_READ_SHARE)
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(self.fan_out_positions, ahead, placed)

@@ -110,7 +110,7 @@ def test_pytest_args_python_junit_and_queue_position(deployment: Deployment, tmp
 
     # A job holds the one slot; a second waits; the third is watched from its submission.
     blocker = write_project(tmp_path / "blocker", {
-        "test_sleep.py": "import time\ndef test_sleep():\n    time.sleep(4)\n"})
+        "test_sleep.py": "import time\ndef test_sleep():\n    time.sleep(5)\n"})
     first = submit_async(deployment, server, blocker, user.api_key)
     wait_until_running(server, user.api_key, first)
     submit_async(deployment, server, blocker, user.api_key)
