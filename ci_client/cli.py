@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ci_client import events, packing, render, wire
     from ci_client.client import CIClient, ReconnectPolicy, Since
     from ci_client.config import ClientConfig
-else:  # imported on first use: httpx, pydantic and pathspec are not needed by every command
+else:  # imported on first use: `ci --help` needs none of them (zipfile, json, dataclasses…)
     events = lazy_module("ci_client.events")
     packing = lazy_module("ci_client.packing")
     render = lazy_module("ci_client.render")
