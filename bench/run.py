@@ -150,6 +150,7 @@ def measure_client_start(dep: Deployment, project: Path, key: str,
                          runs: int) -> dict[str, client_start.Timing]:
     """The baseline, `ci --help`, `ci list` and `ci submit test` → first request (medians)."""
     server_url = str(dep.processes[-1].url)
+    client_start.compile_sources()
     return {
         "python -c pass (baseline)": client_start.time_baseline(runs),
         "ci --help": client_start.time_help(runs),
