@@ -159,10 +159,19 @@ class CIClient:
             if self._http is None:
                 import httpx
 
+                verify: Any = True  # httpx's default: certifi's CA bundle, loaded here
+                if self._plain is not None:
+                    import ssl
+
+                    # Plain http and no proxy: this client never speaks TLS. A context that
+                    # trusts no CA costs nothing to make (the default loads a CA bundle, tens
+                    # of ms) and would refuse any TLS peer rather than accept one.
+                    verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 self._http = httpx.Client(
                     transport=self._transport,
                     timeout=httpx.Timeout(self._read_timeout_s, connect=self._connect_timeout_s),
                     headers=self._headers,
+                    verify=verify,
                 )
             return self._http
 

@@ -212,3 +212,13 @@ def test_an_upload_that_may_have_arrived_is_not_sent_again(serve: Callable[..., 
             pytest.raises(ServerUnreachable, match="may or may not have been carried out"):
         client.submit(b"PK")
     assert healthy.requests == []
+
+
+def test_the_ssl_context_is_made_for_https_only() -> None:
+    # httpx's default context loads a CA bundle (tens of ms); plain-http clients never use one.
+    def loaded_cas(client: CIClient) -> int:
+        context = client._httpx()._transport._pool._ssl_context  # type: ignore[attr-defined]
+        return int(context.cert_store_stats()["x509_ca"])
+
+    assert loaded_cas(CIClient("http://a:1", "ci_x", environ={})) == 0
+    assert loaded_cas(CIClient("https://a:1", "ci_x", environ={})) > 0
