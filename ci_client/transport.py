@@ -123,7 +123,22 @@ class PlainTransport:
             raise ValueError(f"PlainTransport sends to http:// URLs only, not {url!r}")
         origin = (parts.hostname, parts.port or 80)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn = self._take_idle(origin) or self._connect(origin)
+        conn = self._take_idle(origin)
+        if conn is not None and method == "GET":
+            try:
+                return self._exchange(conn, origin, method, target, headers, body, parts.path)
+            except TransportError as exc:
+                # The server may close an idle connection just as it is reused; a GET is
+                # safe to send once more, on a new one (as urllib3 does).
+                if exc.description == "read timeout":
+                    raise
+                conn = None
+        return self._exchange(conn or self._connect(origin), origin, method, target, headers,
+                              body, parts.path)
+
+    def _exchange(self, conn: http.client.HTTPConnection, origin: tuple[str, int], method: str,
+                  target: str, headers: Mapping[str, str], body: bytes | None,
+                  path: str) -> Answer:
         try:
             conn.request(method, target, body=body, headers=dict(headers))
             response = conn.getresponse()
@@ -144,7 +159,7 @@ class PlainTransport:
         else:
             with self._lock:
                 self._idle.setdefault(origin, []).append(conn)
-        return Answer(response.status, answer_headers, content, method, parts.path)
+        return Answer(response.status, answer_headers, content, method, path)
 
     def close(self) -> None:
         with self._lock:

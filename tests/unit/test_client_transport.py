@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import ci_client.transport as transport_module
 from ci_client.client import CIClient
 from ci_client.transport import (
     ConnectFailed,
@@ -158,6 +159,28 @@ def test_an_idle_connection_the_server_closed_is_not_reused(serve: Callable[...,
     finally:
         transport.close()
     assert server.connections == 2
+
+
+def test_a_get_on_a_connection_closed_as_it_is_reused_goes_again_on_a_new_one(
+        serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The race the idle check cannot see: the connection dies after the check passed.
+    monkeypatch.setattr(transport_module, "_still_open", lambda sock: True)
+    server = serve(answer(200, {}))
+    transport = PlainTransport(5, 5)
+    try:
+        transport.send("GET", f"{server.url}/a", HEADERS, None)
+        stale = transport._idle[("127.0.0.1", int(server.url.rsplit(":", 1)[1]))][0]
+        assert stale.sock is not None
+        stale.sock.close()  # closed under it, past the idle check: the send itself fails
+        assert transport.send("GET", f"{server.url}/b", HEADERS, None).status_code == 200
+        stale = transport._idle[("127.0.0.1", int(server.url.rsplit(":", 1)[1]))][0]
+        assert stale.sock is not None
+        stale.sock.close()
+        with pytest.raises(TransportError):  # a POST is never sent twice
+            transport.send("POST", f"{server.url}/jobs", HEADERS, b"zip")
+    finally:
+        transport.close()
+    assert [r[:2] for r in server.requests] == [("GET", "/a"), ("GET", "/b")]
 
 
 def test_connection_close_answers_are_not_pooled(serve: Callable[..., Scripted]) -> None:
