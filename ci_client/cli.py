@@ -17,7 +17,6 @@ import contextlib
 import errno
 import os
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +26,20 @@ import click
 
 from ci_client.lazy import lazy_module
 from ci_common.errors import CIError
-from ci_common.models import JobStatus
+from ci_common.statuses import JobStatus
 
 if TYPE_CHECKING:
     import httpx
 
-    from ci_client import events, packing, render
+    from ci_client import events, packing, render, wire
     from ci_client.client import CIClient, ReconnectPolicy, Since
     from ci_client.config import ClientConfig
     from ci_client.queue_line import QueueLine
-else:  # imported on first use: httpx, pydantic and pathspec are not needed by every command
+else:  # imported on first use: `ci --help` needs none of them (zipfile, json, dataclasses…)
     events = lazy_module("ci_client.events")
     packing = lazy_module("ci_client.packing")
     render = lazy_module("ci_client.render")
+    wire = lazy_module("ci_client.wire")
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,7 +70,7 @@ class CLIState:
         from ci_client.client import CIClient
 
         return CIClient(config.server_urls, config.require_api_key(), transport=self.transport,
-                        reconnect=self.reconnect)
+                        reconnect=self.reconnect, environ=self.environ)
 
 
 def _store(attribute: str) -> Callable[[click.Context, click.Parameter, Any], None]:
@@ -126,6 +126,8 @@ class _CIGroup(click.Group):
 def _report(ctx: click.Context, exc: BaseException, message: str) -> None:
     state = ctx.find_object(CLIState)
     if state is not None and state.debug:
+        import traceback  # only with --debug: it is not free to import (issue #10)
+
         traceback.print_exception(exc, file=sys.stderr)
     click.echo(f"Error: {' '.join(message.split())}", err=True)
 
@@ -327,7 +329,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     state = ctx.ensure_object(CLIState)
     with state.client(state.config()) as client:
         job = client.get_job(job_id)
-    click.echo(job.model_dump_json(indent=2) if as_json else render.job_details(job))
+    click.echo(wire.dumps(job) if as_json else render.job_details(job))
 
 
 def _wait_for_end(client: CIClient, job_id: str) -> None:
@@ -419,4 +421,9 @@ def _cancel_after_interrupt(client: CIClient, job_id: str) -> None:
 
 def main() -> None:
     """Console-script entry point of `ci`."""
+    # httpx's package imports its own command line (`httpx._main`: rich, pygments, click) when
+    # those happen to be installed, about 0.07 s that `ci` never uses. A None entry makes that
+    # import fail, which httpx expects and answers with a stub; only in this process, which
+    # is ours: a library user of ci_client keeps their httpx as it is.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     cli.main(prog_name="ci")

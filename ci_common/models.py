@@ -6,41 +6,19 @@ All timestamps are timezone-aware UTC datetimes.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+# The vocabulary lives in its own light module (the `ci` client imports it without these
+# dataclasses, issue #10); re-exported here, where the rest of the code looks for it.
+from ci_common.statuses import EventKind as EventKind
+from ci_common.statuses import JobStatus as JobStatus
+from ci_common.statuses import OutputStream as OutputStream
 
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (the only clock the models use)."""
     return datetime.now(UTC)
-
-
-class JobStatus(enum.StrEnum):
-    """Lifecycle of a job: queued → running → one of the three terminal states."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"  # the tests ran; `success` says whether they passed
-    FAILED = "failed"  # the tests could not run (install failed, timeout, OOM, lost container…)
-    CANCELLED = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-class EventKind(enum.StrEnum):
-    """What a job event carries."""
-
-    STATUS = "status"  # text is the new JobStatus value (queued, running)
-    OUTPUT = "output"  # text is a chunk of the job's output (stdout or stderr)
-    END = "end"  # the terminal event: text is JobOutcome as JSON (see ci_common.wire)
-
-
-class OutputStream(enum.StrEnum):
-    STDOUT = "stdout"
-    STDERR = "stderr"
 
 
 @dataclass(frozen=True, slots=True)

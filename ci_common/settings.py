@@ -7,7 +7,6 @@ Entry points call `Settings.from_env()` once and pass the object down; library c
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -17,26 +16,11 @@ from ci_common.dburl import redact_url
 from ci_common.errors import InvalidInput
 from ci_common.python_images import PythonImages, parse_python_images
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
-               "gb": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte size such as `50MB`, `512k` or `1048576` (units are powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise InvalidInput(f"not a size: {text!r} (use e.g. 50MB, 512k or a number of bytes)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-
-
-def format_size(num_bytes: int) -> str:
-    """Format a byte count for people: `50.0 MB`, `812 B`."""
-    value = float(num_bytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+# Sizes live in a light module of their own (the `ci` client parses them at start-up, issue
+# #10); re-exported here, where the server side looks for them.
+from ci_common.sizes import DEFAULT_MAX_UPLOAD_BYTES
+from ci_common.sizes import format_size as format_size
+from ci_common.sizes import parse_size as parse_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +59,8 @@ class Settings:
     metrics_port: int | None = field(default=None, metadata={"env": "CI_METRICS_PORT"})
 
     # --- server: what it accepts ---
-    max_upload_bytes: int = field(default=50 * 1024**2, metadata={"env": "CI_MAX_UPLOAD"})
+    max_upload_bytes: int = field(default=DEFAULT_MAX_UPLOAD_BYTES,
+                                  metadata={"env": "CI_MAX_UPLOAD"})
     max_unpacked_bytes: int = field(default=500 * 1024**2, metadata={"env": "CI_MAX_UNPACKED"})
     max_archive_entries: int = field(default=10_000, metadata={"env": "CI_MAX_ENTRIES"})
     # The most a submission may ask for with `timeout` (CI_JOB_TIMEOUT, the default, is the

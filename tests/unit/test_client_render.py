@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 from ci_client import render
+from ci_client.wire import EndData, JobView, ReportData, SlowTestData
 from ci_common.models import JobStatus
-from ci_common.wire import EndData, JobView, ReportData, SlowTestData
 
 T0 = datetime(2025, 10, 12, 19, 30, 0, tzinfo=UTC)
 
