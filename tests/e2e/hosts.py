@@ -43,7 +43,8 @@ def docker_engines(count: int, image: str) -> Iterator[list[str]]:
     set_name = f"t{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         started = subprocess.run([str(ENGINES_SCRIPT), "start", str(count), "--set", set_name,
-                                  "--image", image], capture_output=True, text=True,
+                                  "--image", image, "--owner-pid", str(os.getpid())],
+                                 capture_output=True, text=True,
                                  timeout=300)
         if started.returncode != 0:
             raise RuntimeError(f"scripts/docker-engines start failed:\n{started.stderr[-3000:]}")
