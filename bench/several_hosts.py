@@ -273,8 +273,11 @@ def load(dep: Deployment, workdir: Path, urls: list[str], people: list[User],
 
     not_passed = {j: (v["status"], v["reason"]) for j, v in views.items()
                   if (v["status"], v["success"]) != ("completed", True)}
+    for job_id, (status, reason) in list(not_passed.items())[:3]:
+        text, _ = read_log(clients[owner[job_id]], urls[0], job_id)
+        failures.append(f"job {job_id} {status}: {reason}; its output ends:\n{text[-1500:]}")
     if not_passed:
-        failures.append(f"{len(not_passed)} jobs did not pass: {list(not_passed.items())[:5]}")
+        failures.append(f"{len(not_passed)} jobs did not pass")
     starts = watch.per_job()
     wrong = {job_id: starts[job_id] for job_id in owner if starts[job_id] != 1}
     if wrong:
