@@ -43,10 +43,10 @@ pytestmark = pytest.mark.docker
 LEASE_S = 4.0  # CI_CONTROLLER_LEASE: a gone host is noticed quickly
 RECONCILE_S = 1.0  # the harness's CI_RECONCILE_INTERVAL: how often a controller looks
 SLACK_S = 3.0  # a loaded 2-core machine: polls, the API round trip
-SHORT_JOBS = 6
+SHORT_JOBS = 4  # each controller takes at most 2 at once: both hosts get some
 SHORT_LINES = 5
 SLOW_JOBS = 4
-SLOW_LINES = 40  # at 0.2 s apart: still printing when its controller is killed
+SLOW_LINES = 30  # at 0.2 s apart: still printing when its controller is killed
 AFTER_KILL_JOBS = 2
 HOST_LIMIT = 2  # CI_MAX_CONCURRENT_JOBS of each controller
 
@@ -88,7 +88,13 @@ def test_two_hosts_share_jobs_and_a_dead_hosts_jobs_are_dealt_with(
         assert kinds[-1] == "end", (job_id, kinds)
         return lines_of(tags[job_id], text)
 
+    def alive() -> dict[str, bool]:
+        rows = json.loads(dep.admin("controller", "list", "--json").stdout)
+        return {str(row["id"]): bool(row["alive"]) for row in rows}
+
     try:
+        # Both controllers hold their lease before any job exists, so both compete for them.
+        wait_until(lambda: all(alive().get(cid) for cid in ids), 30, "both controllers", 0.2)
         # 1. Jobs spread over both hosts, each runs once, every log complete and in order.
         short = {submit_tagged(f"short-{n}", SHORT_LINES) for n in range(SHORT_JOBS)}
         views = wait_terminal(client, urls[0], short, timeout=150)
