@@ -11,6 +11,8 @@
    test` to its first request, beside `python -c pass` (targets ≤ 0.15 s; see
    bench/client_start.py). `--client-start` measures only these (a server, no controller, no
    Docker); `--history N` first gives the bench user N finished jobs.
+4. `--several-hosts [--jobs 120]`: only the load on several Docker hosts, on PostgreSQL and
+   SQLite (3 engines with a controller each, 3 replicas, 4 users; bench/several_hosts.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench import client_start  # noqa: E402
+from bench import client_start, several_hosts  # noqa: E402
 from tests.e2e.harness import Deployment, write_project  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "calculator"
@@ -98,7 +100,12 @@ def main() -> None:
                         help="only measure how soon `ci` gets going (no Docker needed)")
     parser.add_argument("--history", type=int, default=0,
                         help="with --client-start: finished jobs the bench user has first")
+    parser.add_argument("--several-hosts", action="store_true",
+                        help="only the load on several Docker hosts (bench/several_hosts.py)")
+    parser.add_argument("--jobs", type=int, default=120, help="jobs for --several-hosts")
     args = parser.parse_args()
+    if args.several_hosts:
+        sys.exit(0 if several_hosts.run(args.jobs) else 1)
     if args.client_start:
         client_start_only(args.runs, args.history)
         return
