@@ -76,6 +76,9 @@ class Job:
     pruned_at: datetime | None = None  # when retention removed its output and archive
     pytest_args: tuple[str, ...] = ()  # given after `--` at submit; pytest gets them as argv
     python_version: str | None = None  # chosen at submit (None: from before the choice)
+    # when its controller was about to create the container (fenced, before it could start):
+    # a claimed job with one may have run, so a take-over on another engine never requeues it
+    start_attempted_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

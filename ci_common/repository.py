@@ -167,6 +167,16 @@ class Repository(Protocol):
         LeaseLost when the lease no longer carries fence.token.
         """
 
+    def mark_start_attempt(self, job_id: str, now: datetime, *, fence: Fence) -> Job:
+        """Record that the container of a claimed job is about to be created and started.
+
+        Called before the container can exist, in the same fenced write: once it returns, a
+        take-over that cannot adopt the job (another engine) fails it as `controller lost`
+        instead of requeueing it, since it may be running. LeaseLost when the lease no longer
+        carries fence.token (then no container may be made). A running or finished job is
+        returned unchanged.
+        """
+
     def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
                      fence: Fence) -> Job:
         """Record the started container: status RUNNING, start_time, and a STATUS event.
@@ -175,7 +185,10 @@ class Repository(Protocol):
         """
 
     def release_job(self, job_id: str, *, fence: Fence) -> Job:
-        """Give a claimed job that never started back to the queue (controller_id cleared)."""
+        """Give a claimed job that never started back to the queue (controller_id cleared).
+
+        Its start attempt, if any, is cleared too: the next claim starts afresh.
+        """
 
     def append_output(
         self,

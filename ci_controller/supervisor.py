@@ -1,10 +1,10 @@
 """One job from claim (or adoption) to finish: a thread that owns the job's container.
 
-Starting: create the container, copy in runner_entry.py and the job's source.zip, start it,
-then mark the job running. Running: follow the output into the repository and wait on the
-container in this one place, killing it at the deadline; a cancel from the controller stops it
-(SIGTERM, SIGKILL after the grace period). Finishing: drain the output, read the exit code and
-OOM flag, record the outcome, remove the container.
+Starting: record the start attempt (fenced), create the container, copy in runner_entry.py and
+the job's source.zip, start it, then mark the job running. Running: follow the output into the
+repository and wait on the container in this one place, killing it at the deadline; a cancel
+from the controller stops it (SIGTERM, SIGKILL after the grace period). Finishing: drain the
+output, read the exit code and OOM flag, record the outcome, remove the container.
 
 A detached supervisor (warm stop of the controller) leaves the container alone: the next
 controller adopts it and resumes the output after the job's log cursor.
@@ -209,6 +209,9 @@ class JobSupervisor:
         if job.cancel_requested or self._cancelled:
             self._finish(cancelled_before_start())
             return
+        # Fenced, before the container can exist: from here on a take-over from another engine
+        # fails the job as lost rather than requeueing it (it may run before mark_running).
+        self.job = job = self._repository.mark_start_attempt(job.id, utcnow(), fence=self._fence)
         container_id: str | None = None
         try:
             for leftover in self._runtime.list(self._own_labels(job)):

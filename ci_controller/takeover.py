@@ -5,9 +5,10 @@ runs with (a graceful stop counts too, once that long has passed without a resta
 claimed and running jobs go to a live controller on the same Docker engine when there is one:
 that one adopts them (it sees their containers), exactly as after a restart. Where no live
 controller shares the engine, any live controller takes them: claimed jobs go back to the
-queue, running ones fail as `controller lost`. The repository's `take_over` makes the change
-atomically, after checking the lease is still as seen, so of several controllers deciding at
-once only one acts.
+queue, running ones fail as `controller lost`, and so do claimed ones whose start was attempted
+(they may be running unseen; see ci_persistence.policy.take_over_fate). The repository's
+`take_over` makes the change atomically, after checking the lease is still as seen, so of
+several controllers deciding at once only one acts.
 """
 
 from __future__ import annotations

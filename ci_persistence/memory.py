@@ -333,6 +333,17 @@ class InMemoryRepository:
             self._changed()
             return claimed
 
+    def mark_start_attempt(self, job_id: str, now: datetime, *, fence: Fence) -> Job:
+        """Note that the claimed job's container is about to be made (see the Protocol)."""
+        with self._lock:
+            job = self._fenced_job(job_id, fence)
+            if job.status is not JobStatus.QUEUED:
+                return job
+            job = replace(job, start_attempted_at=as_utc(now))
+            self._jobs[job_id] = job
+            self._changed()
+            return job
+
     def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
                      fence: Fence) -> Job:
         """Status RUNNING with its STATUS event; again for a running job only sets container_id."""
@@ -356,7 +367,7 @@ class InMemoryRepository:
             job = self._fenced_job(job_id, fence)
             if job.status is not JobStatus.QUEUED or job.controller_id is None:
                 return job
-            job = replace(job, controller_id=None)
+            job = replace(job, controller_id=None, start_attempted_at=None)
             self._jobs[job_id] = job
             if job.cancel_requested:
                 job = self._finish(job, cancelled_outcome(), utcnow())
@@ -515,7 +526,7 @@ class InMemoryRepository:
                 elif fate is Fate.FAILED:
                     self._finish(job, controller_lost_outcome(holder), now)
                 else:
-                    job = replace(job, controller_id=None)
+                    job = replace(job, controller_id=None, start_attempted_at=None)
                     self._jobs[job.id] = job
                     if fate is Fate.CANCELLED:
                         self._finish(job, cancelled_outcome(), now)

@@ -78,9 +78,29 @@ class Fate(enum.Enum):
     """What a take-over does with one claimed or running job of the gone controller."""
 
     ADOPTED = "adopted"  # becomes the taker's (same engine): recovered as after a restart
-    REQUEUED = "requeued"  # claimed, never started: back to the queue
-    CANCELLED = "cancelled"  # claimed, never started, cancel asked: nobody would run it
-    FAILED = "failed"  # running where no live controller can see it: controller lost
+    REQUEUED = "requeued"  # claimed, no start attempted: back to the queue
+    CANCELLED = "cancelled"  # claimed, not running, cancel asked: nobody will run it (again)
+    # running, or claimed with a start attempted, where no live controller can see its
+    # container: controller lost (it may have run, so it never runs a second time)
+    FAILED = "failed"
+
+
+def take_over_fate(job: Job, adopt: bool) -> Fate:
+    """The fate of one claimed or running job of a gone controller in a take-over.
+
+    The gone controller records a start attempt (fenced) before it creates the container and
+    marks the job running only after starting it; a claimed job with an attempt may thus be
+    running unseen on the gone one's engine. Requeueing it could run it twice: it fails as lost.
+    """
+    if adopt:
+        return Fate.ADOPTED  # the taker sees the engine's containers: it recovers as a restart
+    if job.status is JobStatus.RUNNING:
+        return Fate.FAILED
+    if job.cancel_requested:
+        return Fate.CANCELLED  # the user's wish: it ends now, whether or not it began
+    if job.start_attempted_at is not None:
+        return Fate.FAILED
+    return Fate.REQUEUED
 
 
 @dataclass
@@ -90,14 +110,7 @@ class TakeOverFates:
     ids: dict[Fate, list[str]] = field(default_factory=lambda: {fate: [] for fate in Fate})
 
     def decide(self, job: Job, adopt: bool) -> Fate:
-        if adopt:
-            fate = Fate.ADOPTED
-        elif job.status is JobStatus.RUNNING:
-            fate = Fate.FAILED
-        elif job.cancel_requested:
-            fate = Fate.CANCELLED
-        else:
-            fate = Fate.REQUEUED
+        fate = take_over_fate(job, adopt)
         self.ids[fate].append(job.id)
         return fate
 

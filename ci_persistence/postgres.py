@@ -382,6 +382,19 @@ class PostgresRepository:
 
         return self._db.write(work)
 
+    def mark_start_attempt(self, job_id: str, now: datetime, *, fence: Fence) -> Job:
+        """Note that the claimed job's container is about to be made (see the Protocol)."""
+
+        def work(cur: Cursor) -> Job:
+            job = _lock_fenced_job(cur, job_id, fence)
+            if job.status is not JobStatus.QUEUED:
+                return job
+            cur.execute("UPDATE jobs SET start_attempted_at = %s WHERE id = %s",
+                        (as_utc(now), job_id))
+            return _load_job(cur, job_id)
+
+        return self._db.write(work)
+
     def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
                      fence: Fence) -> Job:
         """Status RUNNING with its STATUS event; again for a running job only sets container_id.
@@ -412,7 +425,8 @@ class PostgresRepository:
             job = _lock_fenced_job(cur, job_id, fence)
             if job.status is not JobStatus.QUEUED or job.controller_id is None:
                 return job
-            cur.execute("UPDATE jobs SET controller_id = NULL WHERE id = %s", (job_id,))
+            cur.execute("UPDATE jobs SET controller_id = NULL, start_attempted_at = NULL "
+                        "WHERE id = %s", (job_id,))
             if job.cancel_requested:
                 _finish(cur, job_id, cancelled_outcome(), utcnow())
             return _load_job(cur, job_id)
@@ -708,7 +722,8 @@ def _take_over(cur: Cursor, gone: ControllerLease, taker: Fence, adopt: bool,
         elif fate is Fate.FAILED:
             _finish(cur, job.id, controller_lost_outcome(holder), now)
         else:
-            cur.execute("UPDATE jobs SET controller_id = NULL WHERE id = %s", (job.id,))
+            cur.execute("UPDATE jobs SET controller_id = NULL, start_attempted_at = NULL "
+                        "WHERE id = %s", (job.id,))
             if fate is Fate.CANCELLED:
                 _finish(cur, job.id, cancelled_outcome(), now)
     return fates.result(gone.id)

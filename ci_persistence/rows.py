@@ -27,7 +27,8 @@ from ci_persistence.timefmt import from_text, opt_from_text
 JOB_COLUMNS = (
     "id, user_id, status, created_at, start_time, end_time, exit_code, success, reason, "
     "timeout_seconds, archive_size, controller_id, container_id, cancel_requested, log_cursor, "
-    "output_bytes, dropped_bytes, report, pruned_at, pytest_args, python_version"
+    "output_bytes, dropped_bytes, report, pruned_at, pytest_args, python_version, "
+    "start_attempted_at"
 )
 EVENT_COLUMNS = "job_id, seq, kind, stream, text, created_at"
 USER_COLUMNS = "id, name, email, is_active, created_at"
@@ -102,6 +103,7 @@ def job_from_row(row: Row) -> Job:
         pruned_at=opt_from_text(row["pruned_at"]),
         pytest_args=pytest_args_from_json(row["pytest_args"]),
         python_version=row["python_version"],
+        start_attempted_at=opt_from_text(row["start_attempted_at"]),
     )
 
 

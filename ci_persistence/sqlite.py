@@ -326,6 +326,16 @@ class SqliteRepository:
                 _check_lease(conn, fence)
         return None if row is None else job_from_row(row)
 
+    def mark_start_attempt(self, job_id: str, now: datetime, *, fence: Fence) -> Job:
+        """Note that the claimed job's container is about to be made (see the Protocol)."""
+        with self._db.write() as conn:
+            job = _load_fenced_job(conn, job_id, fence)
+            if job.status is not JobStatus.QUEUED:
+                return job
+            conn.execute("UPDATE jobs SET start_attempted_at = ? WHERE id = ?",
+                         (to_text(now), job_id))
+            return _load_job(conn, job_id)
+
     def mark_running(self, job_id: str, container_id: str, start_time: datetime, *,
                      fence: Fence) -> Job:
         """Status RUNNING with its STATUS event; again for a running job only sets container_id.
@@ -352,7 +362,8 @@ class SqliteRepository:
             job = _load_fenced_job(conn, job_id, fence)
             if job.status is not JobStatus.QUEUED or job.controller_id is None:
                 return job
-            conn.execute("UPDATE jobs SET controller_id = NULL WHERE id = ?", (job_id,))
+            conn.execute("UPDATE jobs SET controller_id = NULL, start_attempted_at = NULL "
+                         "WHERE id = ?", (job_id,))
             if job.cancel_requested:
                 # Nobody would ever claim it again: finish it now rather than leave it queued.
                 _finish(conn, job_id, cancelled_outcome(), utcnow())
@@ -492,7 +503,8 @@ class SqliteRepository:
                 elif fate is Fate.FAILED:
                     _finish(conn, job.id, controller_lost_outcome(holder), now)
                 else:
-                    conn.execute("UPDATE jobs SET controller_id = NULL WHERE id = ?", (job.id,))
+                    conn.execute("UPDATE jobs SET controller_id = NULL, "
+                                 "start_attempted_at = NULL WHERE id = ?", (job.id,))
                     if fate is Fate.CANCELLED:
                         _finish(conn, job.id, cancelled_outcome(), now)
             return fates.result(gone.id)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ci_common.models import utcnow
+from ci_common.models import Fence, utcnow
 from tests.e2e.crash_helpers import (
+    GatedProxy,
     StartWatch,
     assert_no_traceback,
     container_states,
@@ -164,3 +165,51 @@ def test_a_gone_controllers_running_job_elsewhere_fails_as_controller_lost(
     assert "controller lost" in out + err  # the user is told why, in one line
     assert not container_states(dep)  # nothing was started for it here
     assert_no_traceback(taker)
+
+
+def test_a_controller_killed_between_container_start_and_running_mark_is_not_rerun_elsewhere(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """kill -9 while the engine holds the container start; the start then lands, so the job runs
+    with its row still `queued`. A controller on another engine must not run it a second time:
+    it fails the job as `controller lost`, because its start attempt was recorded."""
+    dep = deployment
+    proxy = GatedProxy()
+    proxy.start()
+    starts = StartWatch(dep)
+    try:
+        server = dep.start_server()
+        first = dep.start_controller(DOCKER_HOST=proxy.url, CI_CONTROLLER_LEASE=LEASE_S)
+        user = dep.create_user()
+        project = write_project(tmp_path / "p", {"test_ok.py": PASSING_TEST})
+        proxy.hold(b"/start")
+        job_id = submit_async(dep, server, project, user.api_key)
+        proxy.wait_held(1)
+        first.kill9()
+        proxy.stop_holding()
+        proxy.release_next()  # the dead controller's start reaches the engine: the job runs
+        wait_until(lambda: container_states(dep) in (["running"], ["exited"]), 30,
+                   "the late start to run the container with no controller")
+        # Seen from the next controller, the dead one was on another host's engine.
+        repository = dep.open_repository()
+        try:
+            lease = repository.get_lease(dep.controller_id)
+            assert lease is not None
+            repository.record_engine(Fence(dep.controller_id, lease.token),
+                                     "engine-of-the-dead-host")
+            left = repository.get_job(job_id)
+            assert (left.status.value, left.start_attempted_at is not None) == ("queued", True)
+        finally:
+            repository.close()
+        taker = dep.start_controller(CI_CONTROLLER_ID=f"taker-{dep.run_id}",
+                                     CI_CONTROLLER_LEASE=LEASE_S)
+        job = wait_for_job(server, user.api_key, job_id)
+        assert f"job {job_id}: claimed" not in taker.log()  # never went back to the queue
+        assert (job["status"], job["success"]) == ("failed", False), job
+        assert job["reason"].startswith(f"controller lost: controller {dep.controller_id!r}"), job
+        assert starts.starts(job_id) == 1  # the dead controller's run only: never a second
+        assert controllers(dep)[dep.controller_id]["running_jobs"] == 0
+        assert_no_traceback(taker)
+        wait_until(lambda: not container_states(dep), 30, "the lost job's container to be swept")
+    finally:
+        starts.close()
+        proxy.close()

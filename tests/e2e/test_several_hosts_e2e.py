@@ -115,9 +115,9 @@ def test_two_hosts_share_jobs_and_a_dead_hosts_jobs_are_dealt_with(
             views = job_views(client, urls[0])
             return {job_id for job_id in started if views[job_id]["status"] == "running"}
 
-        # Killed once both its slots run (it claims nothing more): a kill in the instant
-        # between a container's start and its `running` mark would leave a claimed job whose
-        # container runs on, which the take-over queues again (see the README's limits).
+        # Killed once both its slots run (it claims nothing more), so which jobs are lost is
+        # known: a kill in the instant between a container's start attempt and its `running`
+        # mark would fail that job as controller lost too (it may run; never twice).
         wait_until(lambda: len(running_on_host1()) == HOST_LIMIT, 90,
                    "host 1's controller to run two slow jobs", 0.2)
         on_host1 = running_on_host1()

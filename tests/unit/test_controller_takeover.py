@@ -9,6 +9,7 @@ played by a real Controller against the fake runtime and the in-memory repositor
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -27,9 +28,10 @@ from ci_common.models import (
 from ci_controller.fake_runtime import FakeRuntime, FakeScript, runner_frames
 from ci_controller.reconciler import Controller
 from ci_controller.runtime import ContainerStatus
-from ci_controller.spec import job_container_spec
+from ci_controller.spec import LABEL_JOB_ID, job_container_spec
 from ci_controller.supervisor import JobSupervisor
 from ci_controller.takeover import plan_take_overs
+from ci_persistence.policy import Fate, take_over_fate
 from tests.unit.test_controller_reconciler import (
     CountingRepository,
     controllers,  # noqa: F401
@@ -280,3 +282,135 @@ def test_the_sweep_removes_a_finished_jobs_container_whoever_made_it(
     newcomer = make_controller(repo, runtime, controllers)  # ctl-1, on the job's engine
     newcomer.run_once()
     assert container_id in runtime.removed
+
+
+# --------------------------------------------------------------------------- start, then crash
+def test_the_fate_of_a_job_depends_on_adoption_status_cancel_and_start_attempt() -> None:
+    claimed = Job(id="j", user_id="u", status=JobStatus.QUEUED, created_at=NOW,
+                  start_time=None, end_time=None, exit_code=None, success=None, reason=None,
+                  timeout_seconds=None, archive_size=1, controller_id="gone", container_id=None,
+                  cancel_requested=False, log_cursor=0, output_bytes=0, dropped_bytes=0)
+    attempted = dataclasses.replace(claimed, start_attempted_at=NOW)
+    running = dataclasses.replace(attempted, status=JobStatus.RUNNING, container_id="c")
+    for job in (claimed, attempted, running):
+        assert take_over_fate(job, adopt=True) is Fate.ADOPTED
+    assert take_over_fate(claimed, adopt=False) is Fate.REQUEUED
+    assert take_over_fate(attempted, adopt=False) is Fate.FAILED  # may run unseen: never twice
+    assert take_over_fate(running, adopt=False) is Fate.FAILED
+    for job in (claimed, attempted):
+        cancelled = dataclasses.replace(job, cancel_requested=True)
+        assert take_over_fate(cancelled, adopt=False) is Fate.CANCELLED
+
+
+class Killed(Exception):
+    """The controller process dies here (kill -9): nothing after this point happens."""
+
+
+def die_between_start_and_mark(repo: CountingRepository, monkeypatch: pytest.MonkeyPatch,
+                               controller_id: str) -> None:
+    """mark_running of `controller_id` never happens: its container started, unrecorded."""
+    mark_running = repo.mark_running
+
+    def dying(job_id: str, container_id: str, start_time: datetime, *, fence: Fence) -> Job:
+        if fence.controller_id == controller_id:
+            raise Killed
+        return mark_running(job_id, container_id, start_time, fence=fence)
+
+    monkeypatch.setattr(repo, "mark_running", dying)
+
+
+def count_creates(runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The job id of every container created from now on, in order."""
+    created: list[str] = []
+    create = runtime.create
+
+    def counting(spec):  # type: ignore[no-untyped-def]
+        created.append(spec.labels[LABEL_JOB_ID])
+        return create(spec)
+
+    monkeypatch.setattr(runtime, "create", counting)
+    return created
+
+
+def start_then_die(repo: CountingRepository, runtime: FakeRuntime, gone: Fence,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[Job, str]:
+    """The gone controller claims a job, starts its container and dies before marking it."""
+    die_between_start_and_mark(repo, monkeypatch, gone.controller_id)
+    job = submit(repo)
+    claimed = repo.claim_next_job(gone)
+    assert claimed is not None
+    dying = JobSupervisor(settings(controller_id=gone.controller_id), repo, runtime, claimed,
+                          installation_id=repo.installation_id(), fence=gone)
+    dying.start()
+    assert dying.join(5)
+    container = runtime.by_job(job.id)
+    assert container is not None and container.status is ContainerStatus.RUNNING
+    left = repo.get_job(job.id)
+    assert (left.status, left.controller_id, left.container_id) == (
+        JobStatus.QUEUED, gone.controller_id, None)
+    assert left.start_attempted_at is not None
+    return job, container.id
+
+
+def test_a_job_started_but_not_marked_by_a_dead_controller_fails_elsewhere_never_reruns(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hold = threading.Event()
+    runtime.default = FakeScript(steps=[hold, *runner_frames(("phase", "tests exited 0"))])
+    created = count_creates(runtime, monkeypatch)
+    gone = gone_controller(repo, engine_id="engine-of-a-dead-host")
+    job, _ = start_then_die(repo, runtime, gone, monkeypatch)
+    taker = make_controller(repo, runtime, controllers)  # on "fake-engine": cannot adopt
+    taker.run_once()
+    lost = repo.get_job(job.id)
+    assert (lost.status, lost.success) == (JobStatus.FAILED, False)
+    assert lost.reason is not None and lost.reason.startswith(
+        "controller lost: controller 'ctl-gone' on host-gone was last seen ")
+    taker.run_once()
+    hold.set()
+    assert taker.join(5)
+    assert created == [job.id]  # the dead controller's container, and no second run
+    assert repo.count_queued_jobs() == 0 and repo.list_controller_jobs("ctl-1") == []
+
+
+def test_a_job_started_but_not_marked_is_adopted_on_the_same_engine(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hold = threading.Event()
+    runtime.default = FakeScript(steps=[hold, *runner_frames(*numbered(1, 3),
+                                                             ("phase", "tests exited 0"))])
+    created = count_creates(runtime, monkeypatch)
+    gone = gone_controller(repo)  # on "fake-engine", as the taker
+    job, container_id = start_then_die(repo, runtime, gone, monkeypatch)
+    taker = make_controller(repo, runtime, controllers)
+    taker.run_once()  # takes the job over
+    taker.run_once()  # adopts its started container and marks it running
+    wait_until(lambda: repo.get_job(job.id).status is JobStatus.RUNNING)
+    hold.set()
+    done = finish(taker, repo, job.id)
+    assert (done.status, done.success, done.container_id) == (JobStatus.COMPLETED, True,
+                                                              container_id)
+    assert text_of(repo, job.id) == expected_lines(1, 3)
+    assert created == [job.id]
+
+
+def test_a_claim_with_no_start_attempt_is_requeued_and_its_stalled_supervisor_makes_nothing(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stalled between claim and the start attempt: requeued, and the fence stops it later."""
+    created = count_creates(runtime, monkeypatch)
+    gone = gone_controller(repo, engine_id="engine-of-a-stalled-host")
+    job = submit(repo)
+    claimed = repo.claim_next_job(gone)
+    assert claimed is not None
+    taker = make_controller(repo, runtime, controllers)
+    taker.run_once()  # requeues it, then claims and starts it at once
+    done = finish(taker, repo, job.id)
+    assert (done.status, done.success, done.controller_id) == (JobStatus.COMPLETED, True, "ctl-1")
+    lost: list[LeaseLost] = []
+    resumed = JobSupervisor(settings(controller_id="ctl-gone"), repo, runtime, claimed,
+                            installation_id=repo.installation_id(), fence=gone,
+                            on_lease_lost=lost.append)
+    resumed.start()
+    assert resumed.join(5) and len(lost) == 1
+    assert created == [job.id]  # the taker's run only: the stalled one made no container

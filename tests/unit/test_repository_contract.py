@@ -718,6 +718,7 @@ def test_every_job_write_needs_the_owner_and_its_current_token(repo: Repository,
     assert repo.claim_next_job(a.fence) is not None
     writes: dict[str, Callable[[Fence], object]] = {
         "mark_running": lambda f: repo.mark_running(job.id, "c", T0, fence=f),
+        "mark_start_attempt": lambda f: repo.mark_start_attempt(job.id, T0, fence=f),
         "append_output": lambda f: repo.append_output(job.id, [out("x\n")], 1, fence=f),
         "release_job": lambda f: repo.release_job(job.id, fence=f),
         "finish_job": lambda f: repo.finish_job(job.id, PASSED, T0, fence=f),
@@ -807,6 +808,67 @@ def test_take_over_without_adopt_requeues_cancels_and_fails(repo: Repository,
     assert repo.count_queued_jobs() == 1
     assert repo.claim_next_job(taker.fence).id == claimed.id  # type: ignore[union-attr]
     assert repo.list_controller_jobs("ctl-a") == []
+
+
+def test_a_start_attempt_is_fenced_recorded_and_cleared_by_a_release(repo: Repository,
+                                                                     user: User) -> None:
+    a, b = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    job, = claimed_jobs(repo, user, a.fence, 1)
+    assert job.start_attempted_at is None
+    with pytest.raises(LeaseLost):  # not b's job: b may not make its container
+        repo.mark_start_attempt(job.id, T0, fence=b.fence)
+    assert repo.get_job(job.id).start_attempted_at is None
+    marked = repo.mark_start_attempt(job.id, T0 + timedelta(seconds=1), fence=a.fence)
+    assert marked.start_attempted_at == T0 + timedelta(seconds=1)
+    assert is_aware_utc(repo.get_job(job.id).start_attempted_at)
+    assert (marked.status, marked.controller_id) == (JobStatus.QUEUED, "ctl-a")
+    released = repo.release_job(job.id, fence=a.fence)  # the engine failed: a fresh claim later
+    assert (released.controller_id, released.start_attempted_at) == (None, None)
+    assert repo.claim_next_job(b.fence) is not None
+    repo.mark_start_attempt(job.id, T0, fence=b.fence)
+    running = repo.mark_running(job.id, "c", T0, fence=b.fence)
+    again = repo.mark_start_attempt(job.id, T0 + timedelta(seconds=9), fence=b.fence)
+    assert again == running and again.start_attempted_at == T0  # a running job is left as is
+
+
+def test_take_over_without_adopt_fails_a_claimed_job_whose_start_was_attempted(
+        repo: Repository, user: User) -> None:
+    """Its container may be running on the gone one's engine: it must not run a second time."""
+    gone, taker = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    attempted, claimed, attempted_cancel = claimed_jobs(repo, user, gone.fence, 3)
+    for job in (attempted, attempted_cancel):
+        repo.mark_start_attempt(job.id, T0, fence=gone.fence)
+    repo.request_cancel(attempted_cancel.id, user.id)
+    later = T0 + timedelta(seconds=LEASE_S + 5)
+    repo.renew_lease("ctl-b", taker.token, later)
+    seen = repo.get_lease("ctl-a")
+    assert seen is not None
+    done = repo.take_over(seen, taker.fence, False, later)
+    assert done == TakeOver("ctl-a", requeued=(claimed.id,), adopted=(),
+                            failed=(attempted.id,), cancelled=(attempted_cancel.id,))
+    lost = repo.get_job(attempted.id)
+    assert (lost.status, lost.success) == (JobStatus.FAILED, False)
+    assert lost.reason is not None and lost.reason.startswith("controller lost: ")
+    assert repo.get_job(attempted_cancel.id).status is JobStatus.CANCELLED
+    assert repo.count_queued_jobs() == 1
+    assert repo.claim_next_job(taker.fence).id == claimed.id  # type: ignore[union-attr]
+    assert repo.claim_next_job(taker.fence) is None  # the attempted one never comes back
+
+
+def test_take_over_with_adopt_keeps_the_start_attempt_for_the_taker(repo: Repository,
+                                                                    user: User) -> None:
+    gone, taker = holder(repo, "ctl-a", T0), holder(repo, "ctl-b", T0)
+    job, = claimed_jobs(repo, user, gone.fence, 1)
+    repo.mark_start_attempt(job.id, T0, fence=gone.fence)
+    later = T0 + timedelta(seconds=LEASE_S + 5)
+    repo.renew_lease("ctl-b", taker.token, later)
+    seen = repo.get_lease("ctl-a")
+    assert seen is not None
+    done = repo.take_over(seen, taker.fence, True, later)
+    assert done is not None and done.adopted == (job.id,)
+    adopted = repo.get_job(job.id)
+    assert (adopted.status, adopted.controller_id, adopted.start_attempted_at) == (
+        JobStatus.QUEUED, "ctl-b", T0)
 
 
 def test_take_over_only_of_an_expired_lease_as_it_was_seen(repo: Repository,
