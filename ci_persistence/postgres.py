@@ -136,6 +136,14 @@ class PostgresRepository:
         """Differs after any commit by anyone (LISTEN/NOTIFY plus this process's commits)."""
         return self._db.change_token()
 
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep until a NOTIFY arrives on the LISTEN socket or this process commits."""
+        return self._db.wait_for_change(seen, timeout_s)
+
+    def interrupt_waits(self) -> None:
+        """Wake every wait_for_change of this process now."""
+        self._db.interrupt_waits()
+
     def installation_id(self) -> str:
         """The id the first migration stored; read once, it never changes."""
         if self._installation_id is None:

@@ -109,6 +109,14 @@ class SqliteRepository:
         """Differs after any commit by anyone (data_version plus this process's commits)."""
         return self._db.change_token()
 
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep on inotify events of the database files and this process's commits."""
+        return self._db.wait_for_change(seen, timeout_s)
+
+    def interrupt_waits(self) -> None:
+        """Wake every wait_for_change of this process now."""
+        self._db.interrupt_waits()
+
     def installation_id(self) -> str:
         """The id migration 0002 stored; read once, it never changes."""
         if self._installation_id is None:
