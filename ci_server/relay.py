@@ -1,12 +1,15 @@
 """The event relay: one database reader per replica, fanning job events out to SSE subscribers.
 
 A dedicated thread (so the repository sees one connection, whatever the number of clients)
-checks `change_token()` every `event_poll_interval_s`; when it moved, it pages through
-`poll_events(cursor)` and hands each batch to the event loop, which puts every event on the
-queues of that job's subscribers.
+sleeps in `Repository.wait_for_change`; when the token moved, it pages through
+`poll_events(cursor)` and hands each batch to the event loop. There each event is encoded once
+(`ci_server.sse`, cached for all watchers) and each subscriber of its job gets the batch's
+encoded events appended to its pending list and one wake-up: a watcher writes everything
+pending in one chunk, however many events a batch holds. An idle replica makes no query.
 
-A subscriber whose queue is full (a client reading slower than its job prints) is dropped and
-flagged `overflowed`: it re-reads what it missed from the database instead of making the relay
+Memory per subscriber is bounded: one whose pending list would exceed `queue_size` events (a
+client reading slower than its job prints) is dropped and flagged `overflowed`; it then
+catches up from the database (in pages) and subscribes again, instead of making the relay
 wait or buffer without bound.
 """
 
@@ -15,36 +18,74 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
+from ci_server.sse import EncodedEvent, EncodingCache
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIBER_QUEUE_EVENTS = 1024
+SUBSCRIBER_QUEUE_EVENTS = 4096  # pending events per subscriber before it must catch up
 ERROR_BACKOFF_S = 1.0  # after a failed poll (database busy or gone), wait before the next
 STOP_TIMEOUT_S = 5.0
+# The longest the thread sleeps before looking at the token by itself. The repository wakes
+# it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
+# notification; it is not a polling period.
+WAIT_SLICE_S = 30.0
 
 
 class Subscription:
-    """One SSE client's view of one job: a bounded queue the relay fills."""
+    """One SSE client's view of one job: encoded events the relay appends, bounded."""
 
     def __init__(self, job_id: str, maxsize: int = SUBSCRIBER_QUEUE_EVENTS) -> None:
         self.job_id = job_id
-        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue(maxsize=maxsize)
+        self.maxsize = maxsize
         self.overflowed = False  # set by the relay when it had to drop this subscriber
+        self._pending: deque[EncodedEvent] = deque()
+        self._ready = asyncio.Event()
+
+    def offer(self, events: list[EncodedEvent]) -> bool:
+        """Append a batch (event loop); False, appending nothing, when it would not fit."""
+        if len(self._pending) + len(events) > self.maxsize:
+            return False
+        self._pending.extend(events)
+        self._ready.set()
+        return True
+
+    def empty(self) -> bool:
+        return not self._pending
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def take_nowait(self) -> list[EncodedEvent]:
+        """Everything pending, oldest first (possibly nothing)."""
+        taken = list(self._pending)
+        self._pending.clear()
+        self._ready.clear()
+        return taken
+
+    async def take(self, timeout_s: float) -> list[EncodedEvent]:
+        """Everything pending, waiting up to timeout_s for something; [] after quiet."""
+        if not self._pending:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._ready.wait()
+            except TimeoutError:
+                return []
+        return self.take_nowait()
 
 
 class EventRelay:
-    """Polls the repository for new events from one thread and fans them out to subscribers."""
+    """Waits for new events in one thread and fans them out to subscribers, encoded once."""
 
-    def __init__(self, repository: Repository, poll_interval_s: float,
-                 queue_size: int = SUBSCRIBER_QUEUE_EVENTS) -> None:
+    def __init__(self, repository: Repository, queue_size: int = SUBSCRIBER_QUEUE_EVENTS) -> None:
         self._repository = repository
-        self._poll_interval_s = poll_interval_s
         self._queue_size = queue_size
+        self.encodings = EncodingCache()
         self._subscribers: dict[str, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -77,6 +118,7 @@ class EventRelay:
         if thread is None:
             return
         self._stop.set()
+        self._repository.interrupt_waits()
         await asyncio.to_thread(thread.join, STOP_TIMEOUT_S)
         if thread.is_alive():
             logger.warning("event relay thread did not stop within %.0f s", STOP_TIMEOUT_S)
@@ -119,16 +161,20 @@ class EventRelay:
         return sum(len(s) for s in self._subscribers.values())
 
     def fan_out(self, events: list[JobEvent]) -> None:
-        """Put each event on its job's subscriber queues (runs on the event loop)."""
+        """Encode each event once and append its job's events to each subscriber (event loop)."""
+        by_job: dict[str, list[JobEvent]] = {}
         for event in events:
-            for subscription in list(self._subscribers.get(event.job_id, ())):
-                try:
-                    subscription.queue.put_nowait(event)
-                except asyncio.QueueFull:
+            if event.job_id in self._subscribers:
+                by_job.setdefault(event.job_id, []).append(event)
+        for job_id, job_events in by_job.items():
+            encoded = [self.encodings.get(event) for event in job_events]
+            for subscription in list(self._subscribers.get(job_id, ())):
+                if not subscription.offer(encoded):
                     subscription.overflowed = True
                     self.remove_subscriber(subscription)
+                    subscription.offer([])  # wake it: it catches up from the database
 
-    # ----------------------------------------------------------------- the polling thread
+    # ----------------------------------------------------------------- the waiting thread
     def _run(self) -> None:
         try:
             token = self._repository.change_token()
@@ -141,8 +187,8 @@ class EventRelay:
         failing = False
         while not self._stop.is_set():
             try:
-                current = self._repository.change_token()
-                if current != token:
+                current = self._repository.wait_for_change(token, WAIT_SLICE_S)
+                if current != token and not self._stop.is_set():
                     self._drain()
                     # Only now: after a failed poll the token must still look unseen. Read
                     # before polling, it moves again for a commit landing during the poll.
@@ -155,8 +201,6 @@ class EventRelay:
                     logger.warning("event relay: polling failed (%s); retrying", exc)
                 failing = True
                 self._stop.wait(ERROR_BACKOFF_S)
-                continue
-            self._stop.wait(self._poll_interval_s)
 
     def _drain(self) -> None:
         while not self._stop.is_set():
