@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=10_000)
     parser.add_argument("--backend", choices=["sqlite", "postgres"], action="append")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on `timeout` too
     report(run(args.seconds, args.history, args.backend or ["sqlite", "postgres"]),
            args.seconds)
 

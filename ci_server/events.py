@@ -69,10 +69,11 @@ def start_after(resume: ResumePoint, last_seq: int) -> int:
 
 
 async def stream_events(repository: Repository, relay: EventRelay, subscription: Subscription,
-                        resume: ResumePoint, keepalive_s: float) -> AsyncIterator[bytes]:
+                        resume: ResumePoint) -> AsyncIterator[bytes]:
     """Yield the job's events, as SSE bytes, from the resume point until its END event.
 
-    Each chunk holds every event that was pending (one write per watcher per relay batch).
+    Each chunk holds every event that was pending (one write per watcher per relay batch);
+    keep-alive comments come when the relay's ticker says the stream was quiet.
     `subscription` must already be registered (step 1). The caller removes it afterwards, from
     code that runs even when the client leaves while this generator is suspended at a yield
     (the route uses a dependency with `yield`).
@@ -107,7 +108,7 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
                 if chunk[-1].is_end:
                     return
             continue
-        batch = await subscription.take(keepalive_s)
+        batch = await subscription.take()
         if not batch:
             if not subscription.overflowed:
                 yield comment(KEEPALIVE_COMMENT)

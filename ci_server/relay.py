@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_EVENTS = 4096  # pending events per subscriber before it must catch up
 ERROR_BACKOFF_S = 1.0  # after a failed poll (database busy or gone), wait before the next
 STOP_TIMEOUT_S = 5.0
+DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times this
 # The longest the thread sleeps before looking at the token by itself. The repository wakes
 # it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
 # notification; it is not a polling period.
@@ -46,14 +47,24 @@ class Subscription:
         self.overflowed = False  # set by the relay when it had to drop this subscriber
         self._pending: deque[EncodedEvent] = deque()
         self._ready = asyncio.Event()
+        self._quiet_ticks = 0  # relay ticks (half keep-alive periods) since the last offer
 
     def offer(self, events: list[EncodedEvent]) -> bool:
         """Append a batch (event loop); False, appending nothing, when it would not fit."""
         if len(self._pending) + len(events) > self.maxsize:
             return False
         self._pending.extend(events)
+        self._quiet_ticks = 0
         self._ready.set()
         return True
+
+    def tick(self) -> None:
+        """Half a keep-alive period passed (the relay's ticker): after two with nothing
+        offered, wake the stream with nothing, so it sends a keep-alive comment."""
+        self._quiet_ticks += 1
+        if self._quiet_ticks >= 2:
+            self._quiet_ticks = 0
+            self._ready.set()
 
     def empty(self) -> bool:
         return not self._pending
@@ -68,23 +79,24 @@ class Subscription:
         self._ready.clear()
         return taken
 
-    async def take(self, timeout_s: float) -> list[EncodedEvent]:
-        """Everything pending, waiting up to timeout_s for something; [] after quiet."""
+    async def take(self) -> list[EncodedEvent]:
+        """Everything pending, waiting for something; [] when a keep-alive is due (or the
+        relay dropped this subscriber). No timer per wait: with a thousand watchers and a line
+        every few ms, one timer per line per watcher cost more than the writes."""
         if not self._pending:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._ready.wait()
-            except TimeoutError:
-                return []
+            await self._ready.wait()
         return self.take_nowait()
 
 
 class EventRelay:
     """Waits for new events in one thread and fans them out to subscribers, encoded once."""
 
-    def __init__(self, repository: Repository, queue_size: int = SUBSCRIBER_QUEUE_EVENTS) -> None:
+    def __init__(self, repository: Repository, queue_size: int = SUBSCRIBER_QUEUE_EVENTS,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self._repository = repository
         self._queue_size = queue_size
+        self._keepalive_s = keepalive_s
+        self._ticker: asyncio.Task[None] | None = None
         self.encodings = EncodingCache()
         self._subscribers: dict[str, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,9 +123,13 @@ class EventRelay:
         if self._start_error is not None:
             self._thread = None
             raise self._start_error
+        self._ticker = asyncio.create_task(self._tick_forever(), name="ci-sse-keepalive")
 
     async def stop(self) -> None:
         """Stop the thread and wait for it; safe to call twice."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -173,6 +189,14 @@ class EventRelay:
                     subscription.overflowed = True
                     self.remove_subscriber(subscription)
                     subscription.offer([])  # wake it: it catches up from the database
+
+    async def _tick_forever(self) -> None:
+        """One timer for every stream's keep-alive, instead of one per stream per wait."""
+        while True:
+            await asyncio.sleep(self._keepalive_s / 2)
+            for subscriptions in list(self._subscribers.values()):
+                for subscription in list(subscriptions):
+                    subscription.tick()
 
     # ----------------------------------------------------------------- the waiting thread
     def _run(self) -> None:

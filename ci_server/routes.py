@@ -194,8 +194,7 @@ async def job_events(
 ) -> StreamingResponse:
     # Bytes encoded once per event for every watcher (ci_server.sse), several events per
     # write; FastAPI's per-item SSE encoding would cost each watcher a task hop per event.
-    keepalive_s = get_settings(request).sse_keepalive_s
     return StreamingResponse(
-        stream_events(repository, relay, subscription, start, keepalive_s),
+        stream_events(repository, relay, subscription, start),
         media_type=SSE_MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

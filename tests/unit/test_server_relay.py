@@ -52,7 +52,7 @@ async def texts(subscription: Subscription, count: int) -> list[str]:
     """The output texts of the next `count` events relayed to a subscription."""
     got: list[str] = []
     while len(got) < count:
-        for event in await within(subscription.take(5.0)):
+        for event in await within(subscription.take()):
             got.append(json.loads(messages(event.data)[0]["data"])["text"])
     return got
 
@@ -157,7 +157,7 @@ def test_one_reader_thread_whatever_the_number_of_clients() -> None:
                 seqs = []
                 with relay.subscribe(job_id) as subscription:
                     async for chunk in stream_events(repo, relay, subscription,
-                                                     ResumePoint(None, Since.START), 5.0):
+                                                     ResumePoint(None, Since.START)):
                         seqs.extend(data_ids(chunk))
                 return seqs
 
@@ -193,7 +193,7 @@ def test_each_event_is_encoded_once_for_all_its_watchers() -> None:
                 seqs: list[int] = []
                 with relay.subscribe(job_id) as subscription:
                     async for chunk in stream_events(repo, relay, subscription,
-                                                     ResumePoint(None, since), 5.0):
+                                                     ResumePoint(None, since)):
                         seqs.extend(data_ids(chunk))
                 return seqs
 
@@ -284,7 +284,7 @@ def test_an_overflowed_stream_catches_up_from_the_database() -> None:
         await relay.start()
         try:
             subscription = relay.add_subscriber(job_id)
-            stream = stream_events(repo, relay, subscription, ResumePoint(None, Since.START), 5.0)
+            stream = stream_events(repo, relay, subscription, ResumePoint(None, Since.START))
             seqs: list[int] = []
             opening = await within(stream.__anext__())
             assert messages(opening)[0][":"].startswith("streaming events after")
