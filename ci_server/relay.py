@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_EVENTS = 4096  # pending events per subscriber before it must catch up
 ERROR_BACKOFF_S = 1.0  # after a failed poll (database busy or gone), wait before the next
 STOP_TIMEOUT_S = 5.0
+# A job with more watchers than this gets its events delivered at most every CROWD_PACE_S
+# (see fan_out): writes, not encoding or reading, are what a thousand watchers cost.
+CROWD_WATCHERS = 100
+CROWD_PACE_S = 0.025
 DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times this
 # The longest the thread sleeps before looking at the token by itself. The repository wakes
 # it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
@@ -97,6 +102,8 @@ class EventRelay:
         self._queue_size = queue_size
         self._keepalive_s = keepalive_s
         self._ticker: asyncio.Task[None] | None = None
+        self._held: dict[str, list[EncodedEvent]] = {}  # paced jobs' events awaiting a flush
+        self._last_flush: dict[str, float] = {}  # job id → monotonic time of its last delivery
         self.encodings = EncodingCache()
         self._subscribers: dict[str, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,18 +184,47 @@ class EventRelay:
         return sum(len(s) for s in self._subscribers.values())
 
     def fan_out(self, events: list[JobEvent]) -> None:
-        """Encode each event once and append its job's events to each subscriber (event loop)."""
+        """Encode each event once and append its job's events to each subscriber (event loop).
+
+        A job watched by more than CROWD_WATCHERS is paced: its events reach the watchers at
+        most every CROWD_PACE_S (one timer for all of them), so a line every few ms costs each
+        watcher one write per pace, not one per line. The first events after a quiet spell go
+        out at once; fewer watchers are never delayed.
+        """
         by_job: dict[str, list[JobEvent]] = {}
         for event in events:
             if event.job_id in self._subscribers:
                 by_job.setdefault(event.job_id, []).append(event)
+        now = time.monotonic()
         for job_id, job_events in by_job.items():
             encoded = [self.encodings.get(event) for event in job_events]
-            for subscription in list(self._subscribers.get(job_id, ())):
-                if not subscription.offer(encoded):
-                    subscription.overflowed = True
-                    self.remove_subscriber(subscription)
-                    subscription.offer([])  # wake it: it catches up from the database
+            held = self._held.get(job_id)
+            if held is not None:  # a flush is already scheduled: join it
+                held.extend(encoded)
+                continue
+            crowd = len(self._subscribers.get(job_id, ())) > CROWD_WATCHERS
+            wait = self._last_flush.get(job_id, 0.0) + CROWD_PACE_S - now
+            if crowd and wait > 0 and self._loop is not None:
+                self._held[job_id] = encoded
+                self._loop.call_later(wait, self._flush_held, job_id)
+            else:
+                self._deliver(job_id, encoded, now)
+
+    def _flush_held(self, job_id: str) -> None:
+        encoded = self._held.pop(job_id, None)
+        if encoded:
+            self._deliver(job_id, encoded, time.monotonic())
+
+    def _deliver(self, job_id: str, encoded: list[EncodedEvent], now: float) -> None:
+        self._last_flush[job_id] = now
+        if len(self._last_flush) > 2 * len(self._subscribers) + 100:  # forget quiet jobs
+            self._last_flush = {j: t for j, t in self._last_flush.items()
+                                if j in self._subscribers}
+        for subscription in list(self._subscribers.get(job_id, ())):
+            if not subscription.offer(encoded):
+                subscription.overflowed = True
+                self.remove_subscriber(subscription)
+                subscription.offer([])  # wake it: it catches up from the database
 
     async def _tick_forever(self) -> None:
         """One timer for every stream's keep-alive, instead of one per stream per wait."""

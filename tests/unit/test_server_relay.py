@@ -20,6 +20,7 @@ from ci_common.models import (
     utcnow,
 )
 from ci_persistence.memory import InMemoryRepository
+from ci_server import relay as relay_module
 from ci_server.events import ResumePoint, Since, stream_events
 from ci_server.relay import EventRelay, Subscription
 from tests.leases import owner_fence
@@ -349,3 +350,38 @@ def test_stop_is_idempotent_and_ends_the_thread() -> None:
 
     assert run(main) is False
 
+
+
+def test_a_crowded_job_is_paced_in_order_and_a_quiet_one_is_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above CROWD_WATCHERS, events close together reach the watchers in one batch per pace."""
+    monkeypatch.setattr(relay_module, "CROWD_WATCHERS", 2)
+    repo = InMemoryRepository()
+    crowded, quiet = new_job(repo), new_job(repo)
+
+    def event(job_id: str, seq: int) -> JobEvent:
+        return JobEvent(job_id, seq, EventKind.OUTPUT, f"{seq}\n", OutputStream.STDOUT, utcnow())
+
+    async def main() -> tuple[list[list[int]], list[list[int]]]:
+        relay = EventRelay(repo)
+        relay._loop = asyncio.get_running_loop()  # fan_out is driven by hand here
+        many = [relay.add_subscriber(crowded) for _ in range(3)]
+        few = relay.add_subscriber(quiet)
+        batches: list[list[int]] = []
+        single: list[list[int]] = []
+        relay.fan_out([event(crowded, 10), event(quiet, 10)])  # after quiet: at once
+        batches.append([e.seq for e in many[0].take_nowait()])
+        single.append([e.seq for e in few.take_nowait()])
+        relay.fan_out([event(crowded, 11), event(quiet, 11)])
+        relay.fan_out([event(crowded, 12)])
+        assert many[0].empty()  # held for the pace
+        single.append([e.seq for e in few.take_nowait()])
+        for subscription in many:
+            got = await within(subscription.take())
+            if subscription is many[0]:
+                batches.append([e.seq for e in got])
+        return batches, single
+
+    batches, single = run(main)
+    assert batches == [[10], [11, 12]]
+    assert single == [[10], [11]]
