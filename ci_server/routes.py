@@ -22,7 +22,7 @@ from ci_server.auth import CurrentUser
 from ci_server.events import ResumePoint, Since, resume_point, stream_events
 from ci_server.joblog import last_lines, output_text, stored_events
 from ci_server.relay import EventRelay, Subscription
-from ci_server.state import get_relay, get_repository, get_settings, get_state
+from ci_server.state import get_settings, get_state, relay_dependency, repository_dependency
 from ci_server.upload import read_submission
 
 MAX_PAGE = 500
@@ -61,7 +61,7 @@ JOB_ERRORS: dict[int | str, dict[str, Any]] = {
     404: error("no such job, or another user's job"),
 }
 
-RepositoryDep = Annotated[Repository, Depends(get_repository)]
+RepositoryDep = Annotated[Repository, Depends(repository_dependency)]
 router = APIRouter()
 
 
@@ -150,7 +150,7 @@ def job_log(
     return PlainTextResponse(text if tail is None else last_lines(text, tail))
 
 
-def resume(
+async def resume(
     since: Annotated[Since, Query(description="where to start without Last-Event-ID")] =
     Since.START,
     last_event_id: Annotated[str | None, Header(
@@ -160,7 +160,7 @@ def resume(
 
 
 async def job_subscription(request: Request, job: OwnedJob,
-                           relay: Annotated[EventRelay, Depends(get_relay)],
+                           relay: Annotated[EventRelay, Depends(relay_dependency)],
                            ) -> AsyncIterator[Subscription]:
     """The stream's relay subscription, removed when the request ends, however it ends.
 
@@ -190,7 +190,7 @@ async def job_events(
     subscription: Annotated[Subscription, Depends(job_subscription)],
     start: Annotated[ResumePoint, Depends(resume)],
     repository: RepositoryDep,
-    relay: Annotated[EventRelay, Depends(get_relay)],
+    relay: Annotated[EventRelay, Depends(relay_dependency)],
 ) -> StreamingResponse:
     # Bytes encoded once per event for every watcher (ci_server.sse), several events per
     # write; FastAPI's per-item SSE encoding would cost each watcher a task hop per event.
