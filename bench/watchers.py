@@ -108,7 +108,8 @@ def run(count: int, lines: int, backend: str) -> list[str]:
             f"joining mid-job) of one job printing {lines} lines over {seconds:.1f} s",
             f"  every watcher got every event once, in order: "
             f"{'yes' if not found else f'NO, {len(found)} did not'}",
-            f"  replica CPU over the job: {cpu:.1f} % of a core (target ≤ 25 %)"]
+            f"  replica CPU over the job: {cpu:.1f} % of a core, {cpu * seconds / 100:.1f} CPU-s "
+            "(target ≤ 25 %)"]
     if latencies:
         rows.append(f"  line latency print → {2 * TIMED_WATCHERS} of the watchers "
                     f"({len(latencies)} deliveries): "
