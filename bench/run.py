@@ -1,6 +1,6 @@
 """Speed of the main path against a fresh local deployment; prints numbers, asserts nothing.
 
-    .venv/bin/python bench/run.py [--runs 5] [--client-start] [--only SECTION ...]
+    .venv/bin/python bench/run.py [--runs 5] [--client-start [--history N]] [--only SECTION ...]
 
 1. submit → first test-output line at the client, and submit → exit, for examples/calculator;
    the same `pip install -r requirements.txt && python -m pytest -v` with a plain `docker run`,
@@ -8,8 +8,9 @@
 2. Line latency from the container's print to the client (p50, p95, max; targets ≤ 10 ms and
    ≤ 100 ms) for a test that prints a timestamp every 100 ms.
 3. How soon `ci` gets going: `ci --help`, `ci list` against the bench server, and `ci submit
-   test` to its first request (targets ≤ 0.15 s; bench/client_start.py). `--client-start`
-   measures only these (a server, no controller, no Docker).
+   test` to its first request, beside `python -c pass` (targets ≤ 0.15 s; see
+   bench/client_start.py). `--client-start` measures only these (a server, no controller, no
+   Docker); `--history N` first gives the bench user N finished jobs.
 4. `idle`: CPU of an idle replica and an idle controller on SQLite and PostgreSQL, empty and
    with 10,000 finished jobs, and `ci list` time (targets < 0.5 % of a core; bench/idle.py).
 5. `watchers`: 1,000 SSE watchers of one job on one replica, every line once and in order,
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=100)
     parser.add_argument("--client-start", action="store_true",
                         help="only measure how soon `ci` gets going (no Docker needed)")
+    parser.add_argument("--history", type=int, default=0,
+                        help="with --client-start: finished jobs the bench user has first")
     parser.add_argument("--only", action="append", choices=list(SECTIONS),
                         help="run only this section (repeatable); default: main")
     args = parser.parse_args()
@@ -153,30 +156,43 @@ def main_section(args: argparse.Namespace) -> None:
     print(f"line latency over {len(latencies)} lines: p50 {percentile(latencies, 0.5):.1f} ms, "
           f"p95 {percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms   "
           f"(targets p50 ≤ 10 ms, max ≤ 100 ms)")
-    client_start.report(*starts, args.runs)
+    client_start.report(starts, args.runs, history=0)
 
 
 def measure_client_start(dep: Deployment, project: Path, key: str,
-                         runs: int) -> tuple[float, float, float]:
-    """`ci --help`, `ci list` and `ci submit test` → first request, in seconds (medians)."""
+                         runs: int) -> dict[str, client_start.Timing]:
+    """The baseline, `ci --help`, `ci list` and `ci submit test` → first request (medians)."""
     server_url = str(dep.processes[-1].url)
-    return (client_start.time_help(runs), client_start.time_list(server_url, key, runs),
-            client_start.time_to_first_request(project, key, runs))
+    client_start.compile_sources()
+    return {
+        "python -c pass (baseline)": client_start.time_baseline(runs),
+        "ci --help": client_start.time_help(runs),
+        "ci list (live server)": client_start.time_list(server_url, key, runs),
+        "ci submit test → upload's 1st byte": client_start.time_to_first_request(project, key,
+                                                                                runs),
+    }
 
 
-def client_start_only(runs: int) -> None:
+def client_start_only(runs: int, history: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image="unused", ca_bundle=None)
     try:
         dep.start_server()
         key = dep.create_user("bench@example.com").api_key
+        if history:
+            repository = dep.open_repository()
+            try:
+                user = repository.get_user_by_email("bench@example.com")
+                client_start.add_history(repository, user.id, history)
+            finally:
+                repository.close()
         project = workdir / "calculator"
         shutil.copytree(EXAMPLE, project)
         starts = measure_client_start(dep, project, key, runs)
     finally:
         dep.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    client_start.report(*starts, runs)
+    client_start.report(starts, runs, history)
 
 
 def latency_section(args: argparse.Namespace) -> None:
@@ -219,7 +235,7 @@ def watchers_section(args: argparse.Namespace) -> None:
 
 SECTIONS = {
     "main": main_section,
-    "client-start": lambda args: client_start_only(args.runs),
+    "client-start": lambda args: client_start_only(args.runs, args.history),
     "latency": latency_section,
     "idle": idle_section,
     "watchers": watchers_section,

@@ -18,6 +18,10 @@ anyway, since it keeps only the last N bytes. A `skipped` frame (text: the byte 
 where it was. So a test printing a gigabyte costs seconds, not minutes, and never gets far
 ahead of the controller, whose engine log file rotates away what it has not read.
 
+Before its verdict, a run that wrote a JUnit XML report of at most MAX_JUNIT_KEPT bytes sends
+it in `junit <piece>` phase frames (JUNIT_PIECE characters each, in order), then the `report`
+summary frame. Phase frames are never dropped by the log limit.
+
 Phase frames say how the run went; the last one is one of:
 
     invalid archive: <reason>        exit 101
@@ -36,6 +40,7 @@ import contextlib
 import json
 import os
 import selectors
+import shlex
 import signal
 import stat
 import subprocess
@@ -70,6 +75,9 @@ PIP_FLAGS = ["--no-input", "--progress-bar", "off"]
 PYTEST_ARGS = ["-v", "-p", "no:cacheprovider"]
 JUNIT_NAME = "junit.xml"  # pytest's report, written beside the work dir (not in the project)
 REPORT_PREFIX = "report "  # a phase frame: REPORT_PREFIX + the JSON of summarize_junit
+JUNIT_PREFIX = "junit "  # a phase frame: JUNIT_PREFIX + the next piece of the XML report
+JUNIT_PIECE = 32 * 1024  # characters of XML per frame: a frame line stays well under 1 MB
+MAX_JUNIT_KEPT = 4 * 1024 * 1024  # bytes of XML sent to be stored; a larger report is not
 MAX_JUNIT_BYTES = 64 * 1024 * 1024  # a larger report is not read (the counts are then absent)
 MAX_FAILING = 50  # failing test ids reported
 SLOWEST = 5  # slowest tests reported
@@ -287,7 +295,7 @@ class Runner:
             raise Terminated()
         # Like a CI log: the command first, so the user sees which step an error belongs to.
         shown = ["python" if word == sys.executable else word for word in command]
-        self.emitter.emit(STDOUT, "$ " + " ".join(shown) + "\n")
+        self.emitter.emit(STDOUT, "$ " + shlex.join(shown) + "\n")
         # Its own session: SIGTERM and the final cleanup reach every process it started.
         child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -405,6 +413,19 @@ def _seconds(text: str | None) -> float:
     return value if value >= 0 and value != float("inf") else 0.0
 
 
+def send_junit(path: str, emitter: Emitter) -> None:
+    """The XML report as `junit` phase frames, when there is one within MAX_JUNIT_KEPT."""
+    try:
+        if os.path.getsize(path) > MAX_JUNIT_KEPT:
+            return
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            xml = handle.read()
+    except OSError:
+        return
+    for start in range(0, len(xml), JUNIT_PIECE):
+        emitter.phase(JUNIT_PREFIX + xml[start:start + JUNIT_PIECE])
+
+
 def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     """Unpack, install, test; returns the exit code of the container."""
     try:
@@ -433,8 +454,11 @@ def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     # Through the environment, not the command line: the command shown to the user stays the
     # one they would type, and it wins over a --junitxml in the project's own addopts.
     env["PYTEST_ADDOPTS"] = f"--junitxml={junit}"
-    code = runner.run([sys.executable, "-m", "pytest", *PYTEST_ARGS], cwd=args.workdir,
-                      env=env)
+    # The user's arguments last, as separate argv entries (the server refused those that
+    # would defeat the report); PYTEST_ARGS come first so the user's may refine them.
+    code = runner.run([sys.executable, "-m", "pytest", *PYTEST_ARGS, *args.pytest_args],
+                      cwd=args.workdir, env=env)
+    send_junit(junit, emitter)
     summary = summarize_junit(junit, args.workdir)
     if summary is not None:
         emitter.phase(REPORT_PREFIX + json.dumps(summary, ensure_ascii=False))
@@ -450,8 +474,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-entries", type=int, required=True)
     parser.add_argument("--log-limit", type=int, default=0,
                         help="bytes of output the controller keeps (0: no limit, no dropping)")
+    parser.add_argument("--pytest-args", default="[]",
+                        help="JSON list of extra arguments for pytest (one argv entry: no "
+                             "shell, no splitting)")
     args = parser.parse_args(argv)
     args.workdir = os.path.abspath(args.workdir)
+    try:
+        extra = json.loads(args.pytest_args)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, list) or not all(isinstance(arg, str) for arg in extra):
+        parser.error("--pytest-args must be a JSON list of strings")
+    args.pytest_args = extra
     return args
 
 

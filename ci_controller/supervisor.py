@@ -255,7 +255,8 @@ class JobSupervisor:
 
     def _create(self, job: Job) -> str:
         """Create the job's container, replacing one a killed controller's late request made."""
-        spec = job_container_spec(self._settings, job.id, self._installation_id)
+        spec = job_container_spec(self._settings, job.id, self._installation_id,
+                                  pytest_args=job.pytest_args, python_version=job.python_version)
         try:
             return self._runtime.create(spec)
         except RuntimeUnavailable:

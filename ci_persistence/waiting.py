@@ -25,6 +25,7 @@ class ChangeSignal:
         self._cond = threading.Condition()
         self._generation = 0
         self._interrupts = 0
+        self._seen: dict[int, int] = {}  # thread id → the interrupt count it last saw
 
     def bump(self) -> None:
         """Something may have changed: wake the waiters so they look."""
@@ -33,7 +34,8 @@ class ChangeSignal:
             self._cond.notify_all()
 
     def interrupt(self) -> None:
-        """Make every wait in progress return now, changed or not."""
+        """Make every wait in progress return now, changed or not (and the next wait of a
+        thread that was not waiting: its interrupt is not lost)."""
         with self._cond:
             self._interrupts += 1
             self._cond.notify_all()
@@ -51,8 +53,13 @@ class ChangeSignal:
         """
         with self._cond:  # before reading the token: a bump after this is never missed
             generation, interrupts = self._generation, self._interrupts
+            # An interrupt this thread has not seen yet (it came while the thread was between
+            # two waits, e.g. just before a stop) ends this wait at once.
+            thread = threading.get_ident()
+            missed = self._seen.get(thread, interrupts) != interrupts
+            self._seen[thread] = interrupts
         token = read_token()
-        if seen is None or token != seen:
+        if seen is None or token != seen or missed:
             return token
         deadline = time.monotonic() + max(timeout_s, 0.0)
         settling: list[float] = []
@@ -67,6 +74,7 @@ class ChangeSignal:
                 hinted = self._generation != generation
                 interrupted = self._interrupts != interrupts
                 generation = self._generation
+                self._seen[thread] = self._interrupts
             token = read_token()
             if token != seen or interrupted:
                 return token

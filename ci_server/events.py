@@ -94,7 +94,7 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
                  if event.seq > after or event.kind is EventKind.END]
         if chunk:
             yield _join(chunk)
-            sent = max(sent, chunk[-1].seq)
+            sent = max(sent, _last_seq(chunk, sent))
             if chunk[-1].is_end:
                 return
     while True:
@@ -104,7 +104,7 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
             async for page in _history(repository, job_id, sent):
                 chunk = [cache.get(event) for event in page]
                 yield _join(chunk)
-                sent = chunk[-1].seq
+                sent = _last_seq(chunk, sent)
                 if chunk[-1].is_end:
                     return
             continue
@@ -113,16 +113,24 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
             if not subscription.overflowed:
                 yield comment(KEEPALIVE_COMMENT)
             continue
-        fresh = [event for event in batch if event.seq > sent]
+        fresh = [event for event in batch if event.seq is None or event.seq > sent]
         for index, event in enumerate(fresh):
             if event.is_end:
                 del fresh[index + 1:]
                 break
         if fresh:
             yield _join(fresh)
-            sent = fresh[-1].seq
+            sent = _last_seq(fresh, sent)
             if fresh[-1].is_end:
                 return
+
+
+def _last_seq(events: list[EncodedEvent], default: int) -> int:
+    """The seq of the last stored event among `events` (queue positions have none)."""
+    for event in reversed(events):
+        if event.seq is not None:
+            return event.seq
+    return default
 
 
 def _join(events: list[EncodedEvent]) -> bytes:

@@ -11,6 +11,11 @@ Memory per subscriber is bounded: one whose pending list would exceed `queue_siz
 client reading slower than its job prints) is dropped and flagged `overflowed`; it then
 catches up from the database (in pages) and subscribes again, instead of making the relay
 wait or buffer without bound.
+
+Queue positions: while a watched job may still be waiting, the same thread reads the queue
+snapshot after a change (at most every QUEUE_REFRESH_S) and offers each subscriber an encoded
+`event: queue` (no id) whenever its job's position changed (policy.jobs_ahead: the claim order). A
+claim writes no event, but it moves the change token, which is what triggers the read.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from contextlib import contextmanager
 
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
-from ci_server.sse import EncodedEvent, EncodingCache
+from ci_persistence.policy import jobs_ahead
+from ci_server.sse import EncodedEvent, EncodingCache, encode_position
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,13 @@ DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times 
 # it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
 # notification; it is not a polling period.
 WAIT_SLICE_S = 30.0
+# Queue positions are read at most this often (a read of every waiting job): a client sees a
+# new position within this long, and a busy database is not read once per output line.
+QUEUE_REFRESH_S = 0.2
+# ... and, when the queue is long, spend at most about a tenth of the thread on it: a read of
+# 10,000 waiting jobs takes ~0.1 s on SQLite here, and events wait behind it.
+QUEUE_READ_SHARE = 0.1
+_UNSENT = -1  # no position sent to the subscriber yet
 
 
 class Subscription:
@@ -50,6 +63,8 @@ class Subscription:
         self.job_id = job_id
         self.maxsize = maxsize
         self.overflowed = False  # set by the relay when it had to drop this subscriber
+        self.position: int | None = _UNSENT  # the last queue position offered
+        self.may_wait = True  # its job may still be waiting (cleared once seen otherwise)
         self._pending: deque[EncodedEvent] = deque()
         self._ready = asyncio.Event()
         self._quiet_ticks = 0  # relay ticks (half keep-alive periods) since the last offer
@@ -113,6 +128,11 @@ class EventRelay:
         self._start_error: BaseException | None = None
         self._cursor: int | None = None
         self.polls = 0  # poll_events calls made, for tests and metrics
+        # _subscribers is changed on the event loop; the thread reads which jobs to place.
+        self._subscribers_lock = threading.Lock()
+        self._queue_due = threading.Event()  # a change or a new subscriber: place again
+        self._next_queue_read = 0.0  # monotonic time before which no snapshot is read
+        self.queue_reads = 0  # queue_snapshot calls made, for tests
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -162,21 +182,27 @@ class EventRelay:
 
     def add_subscriber(self, job_id: str) -> Subscription:
         subscription = Subscription(job_id, self._queue_size)
-        self._subscribers.setdefault(job_id, set()).add(subscription)
+        with self._subscribers_lock:
+            self._subscribers.setdefault(job_id, set()).add(subscription)
+        if not self._queue_due.is_set():  # its first position, if its job waits
+            self._queue_due.set()
+            self._repository.interrupt_waits()  # the thread may be asleep for a while
         return subscription
 
     def resubscribe(self, subscription: Subscription) -> None:
         """Take back a subscriber dropped for overflowing, once it has emptied its queue."""
         subscription.overflowed = False
-        self._subscribers.setdefault(subscription.job_id, set()).add(subscription)
+        with self._subscribers_lock:
+            self._subscribers.setdefault(subscription.job_id, set()).add(subscription)
 
     def remove_subscriber(self, subscription: Subscription) -> None:
-        subscribers = self._subscribers.get(subscription.job_id)
-        if subscribers is None:
-            return
-        subscribers.discard(subscription)
-        if not subscribers:
-            del self._subscribers[subscription.job_id]
+        with self._subscribers_lock:
+            subscribers = self._subscribers.get(subscription.job_id)
+            if subscribers is None:
+                return
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self._subscribers[subscription.job_id]
 
     def subscriber_count(self, job_id: str | None = None) -> int:
         if job_id is not None:
@@ -234,7 +260,61 @@ class EventRelay:
                 for subscription in list(subscriptions):
                     subscription.tick()
 
+    def fan_out_positions(self, ahead: dict[str, int], placed: set[str]) -> None:
+        """Give each subscriber of a placed job its position, when it changed (event loop).
+
+        A job in `placed` but not in `ahead` no longer waits: a subscriber that was told a
+        position hears once that it is starting; none is asked about that job again.
+        """
+        for job_id in placed:
+            position = ahead.get(job_id)
+            for subscription in list(self._subscribers.get(job_id, ())):
+                if position is None:
+                    subscription.may_wait = False
+                    if subscription.position in (_UNSENT, None):
+                        continue
+                elif subscription.position == position:
+                    continue
+                subscription.position = position
+                if not subscription.offer([encode_position(position)]):
+                    subscription.overflowed = True
+                    self.remove_subscriber(subscription)
+                    subscription.offer([])  # wake it: it catches up from the database
+
+    def _place_waiting_jobs(self) -> None:
+        """Read the queue and hand positions to the loop (thread; after a change, throttled)."""
+        now = time.monotonic()
+        if not self._queue_due.is_set() or now < self._next_queue_read:
+            return
+        self._queue_due.clear()
+        with self._subscribers_lock:
+            placed = {job_id for job_id, subscribers in self._subscribers.items()
+                      if any(s.may_wait for s in subscribers)}
+        if not placed:
+            return
+        self._next_queue_read = now + QUEUE_REFRESH_S
+        try:
+            snapshot = self._repository.queue_snapshot()
+        except Exception:
+            self._queue_due.set()  # read again once the repository answers
+            raise
+        ahead = jobs_ahead(snapshot, wanted=placed)
+        self.queue_reads += 1
+        spent = time.monotonic() - now
+        self._next_queue_read = now + max(QUEUE_REFRESH_S, spent / QUEUE_READ_SHARE)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self.fan_out_positions, ahead, placed)
+        except RuntimeError:  # the loop closed under us: the app is shutting down
+            self._stop.set()
+
     # ----------------------------------------------------------------- the waiting thread
+    def _wait_s(self) -> float:
+        """How long the thread may sleep: until a due queue read is allowed, else a slice."""
+        if self._queue_due.is_set():
+            return max(0.0, min(WAIT_SLICE_S, self._next_queue_read - time.monotonic()))
+        return WAIT_SLICE_S
+
     def _run(self) -> None:
         try:
             token = self._repository.change_token()
@@ -247,12 +327,14 @@ class EventRelay:
         failing = False
         while not self._stop.is_set():
             try:
-                current = self._repository.wait_for_change(token, WAIT_SLICE_S)
+                current = self._repository.wait_for_change(token, self._wait_s())
                 if current != token and not self._stop.is_set():
                     self._drain()
                     # Only now: after a failed poll the token must still look unseen. Read
                     # before polling, it moves again for a commit landing during the poll.
                     token = current
+                    self._queue_due.set()
+                self._place_waiting_jobs()
                 if failing:
                     logger.info("event relay: repository answers again")
                     failing = False

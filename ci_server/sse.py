@@ -18,9 +18,11 @@ from ci_common.models import EventKind, JobEvent, JobStatus, OutputStream
 from ci_common.wire import (
     SSE_EVENT_END,
     SSE_EVENT_OUTPUT,
+    SSE_EVENT_QUEUE,
     SSE_EVENT_STATUS,
     EndData,
     OutputData,
+    QueueData,
     StatusData,
 )
 
@@ -33,7 +35,7 @@ CACHE_EVENTS = 20_000
 class EncodedEvent:
     """One event ready for the wire: its seq (to skip duplicates), whether it ends the stream."""
 
-    seq: int
+    seq: int | None  # None: not a stored event (a queue position), always sent, no id
     is_end: bool
     data: bytes
 
@@ -50,6 +52,13 @@ def encode(event: JobEvent) -> EncodedEvent:
         payload, name = EndData.model_validate(json.loads(event.text)), SSE_EVENT_END
     data = format_sse_event(data_str=payload.model_dump_json(), event=name, id=str(event.seq))
     return EncodedEvent(seq=event.seq, is_end=event.kind is EventKind.END, data=data)
+
+
+def encode_position(ahead: int | None) -> EncodedEvent:
+    """A queue position on the wire: no id, so Last-Event-ID stays on the stored events."""
+    data = format_sse_event(data_str=QueueData(ahead=ahead).model_dump_json(),
+                            event=SSE_EVENT_QUEUE)
+    return EncodedEvent(seq=None, is_end=False, data=data)
 
 
 def comment(text: str, event_id: int | None = None) -> bytes:

@@ -49,6 +49,15 @@ def data_ids(chunk: bytes) -> list[int]:
     return [int(m["id"]) for m in messages(chunk) if ":" not in m]
 
 
+async def next_position(subscription: Subscription) -> int | None:
+    """The next queue position relayed to a subscription (stored events before it skipped)."""
+    while True:
+        for event in await within(subscription.take()):
+            if event.seq is None:
+                value: int | None = json.loads(messages(event.data)[0]["data"])["ahead"]
+                return value
+
+
 async def texts(subscription: Subscription, count: int) -> list[str]:
     """The output texts of the next `count` events relayed to a subscription."""
     got: list[str] = []
@@ -385,3 +394,40 @@ def test_a_crowded_job_is_paced_in_order_and_a_quiet_one_is_not(
     batches, single = run(main)
     assert batches == [[10], [11, 12]]
     assert single == [[10], [11]]
+
+
+def test_queue_positions_are_sent_when_they_change_and_reading_stops_once_started() -> None:
+    from tests.leases import hold_lease
+
+    repo = InMemoryRepository()
+    user = repo.create_user("q", "q@example.com")
+    first = repo.create_job(user.id, b"zip", None).id
+    watched = repo.create_job(user.id, b"zip", None).id
+    fence = hold_lease(repo, "controller-q")
+
+    async def main() -> tuple[list[int | None], int, int]:
+        relay = EventRelay(repo)
+        await relay.start()
+        try:
+            with relay.subscribe(watched) as sub:
+                seen = [await next_position(sub)]  # where it stands on subscribing
+                repo.create_job(user.id, b"zip", None)  # a change, but not to its position
+                await asyncio.sleep(0.5)
+                assert sub.empty()
+                repo.claim_next_job(fence)  # `first` goes: one fewer ahead
+                seen.append(await next_position(sub))
+                repo.claim_next_job(fence)  # its own claim: starting
+                seen.append(await next_position(sub))
+                reads = relay.queue_reads
+                repo.mark_running(watched, "c", utcnow(), fence=fence)
+                emit(repo, watched, "output\n")
+                await asyncio.sleep(0.5)  # changes, but nothing watched may still wait
+                assert all(e.seq is not None for e in sub.take_nowait())  # no position
+                return seen, reads, relay.queue_reads
+        finally:
+            await relay.stop()
+
+    positions, reads_then, reads_after = run(main)
+    assert positions == [1, 0, None]
+    assert reads_after == reads_then
+    assert repo.get_job(first).controller_id == "controller-q"
