@@ -656,6 +656,19 @@ def test_interrupt_waits_returns_every_waiter_without_a_change(repo: Repository)
     assert woke == [seen] * 3
 
 
+def test_an_interrupt_between_two_waits_is_not_lost(repo: Repository) -> None:
+    """"Set a flag, interrupt" must not race with "check the flag, wait" (a stop, say)."""
+    seen = repo.change_token()
+    assert repo.wait_for_change(seen, 0.01) == seen  # this thread has waited before
+    repo.interrupt_waits()  # ... and is not waiting now
+    started = time.monotonic()
+    assert repo.wait_for_change(seen, 30.0) == seen
+    assert time.monotonic() - started < 10.0  # returned at once, not at its timeout
+    started = time.monotonic()
+    assert repo.wait_for_change(seen, 0.2) == seen  # consumed: the next wait sleeps
+    assert time.monotonic() - started >= 0.15
+
+
 _COMMIT_WHEN_TOLD = """
 import sys
 from ci_persistence.postgres import PostgresRepository
