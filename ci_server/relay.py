@@ -131,6 +131,8 @@ class EventRelay:
         # _subscribers is changed on the event loop; the thread reads which jobs to place.
         self._subscribers_lock = threading.Lock()
         self._queue_due = threading.Event()  # a change or a new subscriber: place again
+        # Jobs with a subscriber that may still wait; empty, a change reads no queue at all.
+        self._waiting_jobs: set[str] = set()
         self._next_queue_read = 0.0  # monotonic time before which no snapshot is read
         self.queue_reads = 0  # queue_snapshot calls made, for tests
 
@@ -184,6 +186,7 @@ class EventRelay:
         subscription = Subscription(job_id, self._queue_size)
         with self._subscribers_lock:
             self._subscribers.setdefault(job_id, set()).add(subscription)
+            self._waiting_jobs.add(job_id)
         if not self._queue_due.is_set():  # its first position, if its job waits
             self._queue_due.set()
             self._repository.interrupt_waits()  # the thread may be asleep for a while
@@ -203,6 +206,7 @@ class EventRelay:
             subscribers.discard(subscription)
             if not subscribers:
                 del self._subscribers[subscription.job_id]
+                self._waiting_jobs.discard(subscription.job_id)
 
     def subscriber_count(self, job_id: str | None = None) -> int:
         if job_id is not None:
@@ -268,6 +272,9 @@ class EventRelay:
         """
         for job_id in placed:
             position = ahead.get(job_id)
+            if position is None:
+                with self._subscribers_lock:
+                    self._waiting_jobs.discard(job_id)
             for subscription in list(self._subscribers.get(job_id, ())):
                 if position is None:
                     subscription.may_wait = False
@@ -333,7 +340,8 @@ class EventRelay:
                     # Only now: after a failed poll the token must still look unseen. Read
                     # before polling, it moves again for a commit landing during the poll.
                     token = current
-                    self._queue_due.set()
+                    if self._waiting_jobs:
+                        self._queue_due.set()
                 self._place_waiting_jobs()
                 if failing:
                     logger.info("event relay: repository answers again")
