@@ -41,7 +41,7 @@ STOP_TIMEOUT_S = 5.0
 # A job with more watchers than this gets its events delivered at most every CROWD_PACE_S
 # (see fan_out): writes, not encoding or reading, are what a thousand watchers cost.
 CROWD_WATCHERS = 100
-CROWD_PACE_S = 0.05
+CROWD_PACE_S = 0.1
 DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times this
 # The longest the thread sleeps before looking at the token by itself. The repository wakes
 # it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
