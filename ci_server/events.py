@@ -113,16 +113,30 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
             if not subscription.overflowed:
                 yield comment(KEEPALIVE_COMMENT)
             continue
-        fresh = [event for event in batch if event.seq is None or event.seq > sent]
-        for index, event in enumerate(fresh):
-            if event.is_end:
-                del fresh[index + 1:]
-                break
+        fresh = _after(batch, sent)
         if fresh:
             yield _join(fresh)
             sent = _last_seq(fresh, sent)
             if fresh[-1].is_end:
                 return
+
+
+def _after(batch: list[EncodedEvent], sent: int) -> list[EncodedEvent]:
+    """The events of a batch to send: seqs above `sent`, each once, increasing, up to END.
+
+    A batch may repeat a seq (the relay may hand the same row over twice, e.g. on PostgreSQL
+    while rows are held back behind an older transaction): never send one twice.
+    """
+    fresh = []
+    for event in batch:
+        if event.seq is not None:
+            if event.seq <= sent:
+                continue
+            sent = event.seq
+        fresh.append(event)
+        if event.is_end:
+            break
+    return fresh
 
 
 def _last_seq(events: list[EncodedEvent], default: int) -> int:

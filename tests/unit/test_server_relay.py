@@ -431,3 +431,25 @@ def test_queue_positions_are_sent_when_they_change_and_reading_stops_once_starte
     assert positions == [1, 0, None]
     assert reads_after == reads_then
     assert repo.get_job(first).controller_id == "controller-q"
+
+
+def test_a_seq_handed_over_twice_in_one_batch_is_sent_once() -> None:
+    repo = InMemoryRepository()
+    job_id = new_job(repo)
+
+    def event(seq: int) -> JobEvent:
+        return JobEvent(job_id, seq, EventKind.OUTPUT, f"{seq}\n", OutputStream.STDOUT, utcnow())
+
+    async def main() -> list[int]:
+        relay = EventRelay(repo)
+        await relay.start()
+        try:
+            subscription = relay.add_subscriber(job_id)
+            stream = stream_events(repo, relay, subscription, ResumePoint(None, Since.NOW))
+            await within(stream.__anext__())  # the opening comment
+            relay.fan_out([event(3), event(4), event(4), event(3), event(5)])
+            return data_ids(await within(stream.__anext__()))
+        finally:
+            await relay.stop()
+
+    assert run(main) == [3, 4, 5]
