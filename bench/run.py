@@ -1,6 +1,6 @@
 """Speed of the main path against a fresh local deployment; prints numbers, asserts nothing.
 
-    .venv/bin/python bench/run.py [--runs 5] [--client-start [--history N]]
+    .venv/bin/python bench/run.py [--runs 5] [--client-start [--history N]] [--only SECTION ...]
 
 1. submit → first test-output line at the client, and submit → exit, for examples/calculator;
    the same `pip install -r requirements.txt && python -m pytest -v` with a plain `docker run`,
@@ -11,8 +11,17 @@
    test` to its first request, beside `python -c pass` (targets ≤ 0.15 s; see
    bench/client_start.py). `--client-start` measures only these (a server, no controller, no
    Docker); `--history N` first gives the bench user N finished jobs.
-4. `--several-hosts [--jobs 120]`: only the load on several Docker hosts, on PostgreSQL and
-   SQLite (3 engines with a controller each, 3 replicas, 4 users; bench/several_hosts.py).
+4. `idle`: CPU of an idle replica and an idle controller on SQLite and PostgreSQL, empty and
+   with 10,000 finished jobs, and `ci list` time (targets < 0.5 % of a core; bench/idle.py).
+5. `watchers`: 1,000 SSE watchers of one job on one replica, every line once and in order,
+   replica CPU (target ≤ 25 %) and line latency under that load (bench/watchers.py).
+6. `several-hosts` (also `--several-hosts [--jobs 120]`): only the load on several Docker
+   hosts, on PostgreSQL and SQLite (3 engines with a controller each, 3 replicas, 4 users;
+   bench/several_hosts.py).
+
+`--only main|client-start|latency|idle|watchers|several-hosts` (repeatable) runs just those
+sections; sections 1–3 are `main` (`latency`: section 2 alone, on both backends), and
+sections 4–6 run only when named (they take minutes).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench import client_start, several_hosts  # noqa: E402
+from bench import client_start, idle, several_hosts, watchers  # noqa: E402
 from tests.e2e.harness import Deployment, write_project  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "calculator"
@@ -103,13 +112,17 @@ def main() -> None:
     parser.add_argument("--several-hosts", action="store_true",
                         help="only the load on several Docker hosts (bench/several_hosts.py)")
     parser.add_argument("--jobs", type=int, default=120, help="jobs for --several-hosts")
+    parser.add_argument("--only", action="append", choices=list(SECTIONS),
+                        help="run only this section (repeatable); default: main")
     args = parser.parse_args()
-    if args.several_hosts:
-        sys.exit(0 if several_hosts.run(args.jobs) else 1)
-    if args.client_start:
-        client_start_only(args.runs, args.history)
-        return
+    only = args.only or (["client-start"] if args.client_start else
+                         ["several-hosts"] if args.several_hosts else ["main"])
+    for name in only:
+        SECTIONS[name](args)
 
+
+def main_section(args: argparse.Namespace) -> None:
+    """Sections 1-3 against one deployment."""
     image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
     ca_bundle = subprocess.run([str(REPO_ROOT / "scripts" / "host-ca-bundle")], check=True,
@@ -187,6 +200,54 @@ def client_start_only(runs: int, history: int) -> None:
         dep.close()
         shutil.rmtree(workdir, ignore_errors=True)
     client_start.report(starts, runs, history)
+
+
+def latency_section(args: argparse.Namespace) -> None:
+    """Section 2 alone: line latency of one watcher (`ci submit test`), on each backend."""
+    image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
+                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    ca_bundle = subprocess.run([str(REPO_ROOT / "scripts" / "host-ca-bundle")], check=True,
+                               capture_output=True, text=True).stdout.strip()
+    for backend in ("sqlite", "postgres"):
+        workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
+        try:
+            with idle.database(backend) as url:
+                dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle,
+                                 database_url=url)
+                try:
+                    dep.start_controller()
+                    dep.start_server()
+                    key = dep.create_user("bench@example.com").api_key
+                    ticks = write_project(workdir / "ticks", {
+                        "test_ticks.py": TIMESTAMP_TEST.format(count=args.ticks)},
+                        capture=False)
+                    latencies = line_latencies(dep, ticks, key)
+                finally:
+                    dep.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print(f"{backend}: line latency over {len(latencies)} lines: p50 "
+              f"{percentile(latencies, 0.5):.1f} ms, p95 {percentile(latencies, 0.95):.1f} ms, "
+              f"max {max(latencies):.1f} ms   (targets p50 ≤ 10 ms, max ≤ 100 ms)")
+
+
+def idle_section(args: argparse.Namespace) -> None:
+    idle.report(idle.run(20.0, 10_000, ["sqlite", "postgres"]), 20.0)
+
+
+def watchers_section(args: argparse.Namespace) -> None:
+    for row in watchers.run(1000, 1000, "sqlite"):
+        print(row)
+
+
+SECTIONS = {
+    "main": main_section,
+    "client-start": lambda args: client_start_only(args.runs, args.history),
+    "latency": latency_section,
+    "idle": idle_section,
+    "watchers": watchers_section,
+    "several-hosts": lambda args: sys.exit(0 if several_hosts.run(args.jobs) else 1),
+}
 
 
 if __name__ == "__main__":

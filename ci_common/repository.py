@@ -45,12 +45,32 @@ class Repository(Protocol):
         """Release connections. Safe to call twice."""
 
     def change_token(self) -> int:
-        """A cheap value that differs after any other client committed a change.
+        """A cheap value that differs after any client (this one included) committed a change.
 
-        Pollers (the controller's wake-up, the server's relay) call it every few milliseconds
-        and do real queries only when it moved. SQLite: PRAGMA data_version read on one
-        dedicated connection that never writes (so tokens from any thread are comparable),
-        plus a counter of this process's own commits; PostgreSQL would use LISTEN/NOTIFY.
+        Read it, then `wait_for_change(token, …)` to sleep until it moves. SQLite: PRAGMA
+        data_version read on one dedicated connection that never writes (so tokens from any
+        thread are comparable), plus a counter of this process's own commits; PostgreSQL:
+        LISTEN/NOTIFY counted on one dedicated connection, plus this process's own commits.
+        """
+
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Block until the change token differs from `seen`, or `timeout_s` passed; return it.
+
+        The token returned equals `seen` only when nothing changed in time (or the wait was
+        interrupted). `seen=None` returns the current token at once. Waiting costs no query:
+        memory waits on a condition; SQLite on a file-change notification of the database and
+        its -wal (inotify), commits of this process waking waiters directly; PostgreSQL on
+        its LISTEN socket. Implementations may still look by themselves now and then (a safety
+        re-check of a second or more) and may wake early; callers loop.
+        """
+
+    def interrupt_waits(self) -> None:
+        """Make every wait_for_change of this process that is in progress return now.
+
+        Not lost between two waits: a thread not waiting when it came returns at once from
+        its next wait (so "set a flag, interrupt" never races with "check the flag, wait").
+
+        For callers that stop, or that have another reason to look (a thread of theirs ended).
         """
 
     def installation_id(self) -> str:

@@ -69,9 +69,8 @@ class Settings:
     auth_failures_per_minute: int = field(default=30,
                                           metadata={"env": "CI_AUTH_FAILURES_PER_MINUTE"})
     sse_keepalive_s: float = field(default=15.0, metadata={"env": "CI_SSE_KEEPALIVE"})
-    # How often the one relay task per replica (and the controller) looks for new rows; a read
-    # of SQLite's data_version costs microseconds, so a few ms keeps line latency low.
-    event_poll_interval_s: float = field(default=0.005, metadata={"env": "CI_EVENT_POLL_INTERVAL"})
+    # CI_EVENT_POLL_INTERVAL is gone: the relay and the controller sleep in
+    # Repository.wait_for_change and wake on each commit; the variable is ignored if set.
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

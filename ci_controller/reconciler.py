@@ -12,10 +12,10 @@ Every write for a job carries this controller's lease (its Fence): once the leas
 take-over, or another controller took the id) the repository refuses the write with LeaseLost,
 and the controller stops following its jobs and stops, leaving their containers alone.
 
-`run_forever(stop)` calls it whenever the repository's change token moves (polled every few tens
-of milliseconds, so a new job starts well under a second after submission) and at least every
-`reconcile_interval_s`. Stopping is warm: no new claims, running containers are left alone and
-adopted by the next controller with this id.
+`run_forever(stop)` calls it whenever the repository's change token moves (it sleeps in
+`Repository.wait_for_change`, so a new job starts at once and an idle controller makes no
+query) and at least every `reconcile_interval_s`. Stopping is warm: no new claims, running
+containers are left alone and adopted by the next controller with this id.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ from ci_controller.takeover import plan_take_overs
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.02  # change-token poll period: cheap, and bounds the claim latency of a new job
+# run_forever sleeps in Repository.wait_for_change, which returns as soon as anyone commits (a
+# new job starts at once). It looks at `stop` this often (one cheap token read when idle).
+STOP_CHECK_S = 0.25
+MIN_RECONCILE_GAP_S = 0.02  # reconciles triggered by changes alone are at least this far apart
 RETRY_AFTER_ERROR_S = 5.0  # a job whose supervisor crashed is left alone this long
 # While the engine is away it is probed every reconcile interval (so jobs resume within one of
 # its return), but reported once per window, the window doubling from MIN to MAX: no log flood.
@@ -141,18 +144,28 @@ class Controller:
         """Reconcile until `stop` is set, then stop warmly (see the module docstring)."""
         log.info("controller %s: running up to %d jobs in %s", self.settings.controller_id,
                  self.settings.max_concurrent_jobs, self.settings.runner_image)
-        token: int | None = None
+        token: int | None = None  # the change token the last reconcile started from
+        current: int | None = None
+        last_run = -MIN_RECONCILE_GAP_S
         failing = False
         try:
             while not stop.is_set() and self.lease_lost is None:
                 try:
-                    current = self.repository.change_token()
+                    if current is None:
+                        current = self.repository.change_token()
                     if (current != token or self._wake.is_set()
                             or self._clock() >= self._next_full):
+                        # Our own output writes move the token too: at most one reconcile
+                        # per gap, as when the token was polled.
+                        gap = MIN_RECONCILE_GAP_S - (time.monotonic() - last_run)
+                        if gap > 0 and stop.wait(gap):
+                            break
                         token = current
                         self._wake.clear()
+                        last_run = time.monotonic()
                         self.run_once()
                     failing = False
+                    current = self.repository.wait_for_change(token, self._wait_s())
                 except LeaseLost as exc:
                     self.note_lease_lost(exc)
                 except Exception as exc:  # the database may be busy or gone for a while
@@ -161,14 +174,24 @@ class Controller:
                         log.error("controller: reconcile failed: %s", message)
                         log.debug("reconcile failure", exc_info=True)
                     failing = True
+                    current = None
                     stop.wait(self.settings.reconcile_interval_s)
-                self._wake.wait(POLL_S)
         finally:
             self.detach()
             log.info("controller %s: stopped; running containers are left to the next start",
                      self.settings.controller_id)
         if self.lease_lost is not None:
             raise self.lease_lost
+
+    def _wait_s(self) -> float:
+        """How long run_forever may sleep on the repository: until the next full reconcile,
+        but at most STOP_CHECK_S, so a `stop` set from outside is noticed in time."""
+        return max(0.0, min(self._next_full - self._clock(), STOP_CHECK_S))
+
+    def _wake_up(self) -> None:
+        """Reconcile now, though the database may not have changed."""
+        self._wake.set()
+        self.repository.interrupt_waits()
 
     def note_lease_lost(self, exc: LeaseLost) -> None:
         """A write was refused: these jobs are not ours any more. Stop (run_forever raises)."""
@@ -179,7 +202,7 @@ class Controller:
             log.error("controller %s: %s; stopping without touching its containers",
                       self.settings.controller_id, exc.message)
         self._stopping = True
-        self._wake.set()
+        self._wake_up()
 
     def detach(self) -> None:
         """Warm stop: claim nothing more, store output read so far, leave containers running."""
@@ -376,7 +399,7 @@ class Controller:
                 self.metrics.observe_job(job.status, job.start_time, job.end_time)
             if not supervisor.job.status.is_terminal:
                 self._retry_at[supervisor.job_id] = self._clock() + RETRY_AFTER_ERROR_S
-        self._wake.set()
+        self._wake_up()
 
 
 def _fates(done: TakeOver) -> str:

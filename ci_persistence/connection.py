@@ -9,6 +9,7 @@ writes fails at once with SQLITE_BUSY instead of waiting, which is the classic s
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -18,11 +19,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
+from ci_persistence.file_watch import FileWatch
+from ci_persistence.waiting import SAFETY_RECHECK_S, ChangeSignal
+
 T = TypeVar("T")
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 _FIRST_BACKOFF_S = 0.002
 _MAX_BACKOFF_S = 0.05
+# Where inotify is missing (not Linux, or out of watches) waiters look this often instead.
+NO_WATCH_RECHECK_S = 0.05
+# After a file event that did not move data_version yet (see ChangeSignal.wait_for_change).
+SETTLE_S = (0.001, 0.005, 0.02)
+log = logging.getLogger(__name__)
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -130,6 +139,10 @@ class SqliteConnector:
         # tokens taken on different threads stay comparable.
         self._watch_lock = threading.Lock()
         self._watch: sqlite3.Connection | None = None
+        # wait_for_change sleeps on this; own commits and the file watch bump it.
+        self._signal = ChangeSignal()
+        self._files: FileWatch | None = None
+        self._files_failed = False
 
     # ----------------------------------------------------------------- connections
     def connection(self) -> sqlite3.Connection:
@@ -157,6 +170,8 @@ class SqliteConnector:
         self._watch_lock = threading.Lock()
         self._watch = None
         self._count_lock = threading.Lock()
+        self._signal = ChangeSignal()
+        self._files = None  # the watch thread did not survive the fork; its fds close with it
 
     def close(self) -> None:
         """Close every connection this object opened. Safe to call twice."""
@@ -171,6 +186,10 @@ class SqliteConnector:
                 with suppress(sqlite3.Error):
                     self._watch.close()
                 self._watch = None
+            files, self._files = self._files, None
+        if files is not None:
+            files.close()
+        self._signal.interrupt()
 
     # ----------------------------------------------------------------- transactions
     @contextmanager
@@ -192,6 +211,7 @@ class SqliteConnector:
             raise
         with self._count_lock:
             self._own_commit_count += 1
+        self._signal.bump()  # waiters of this process need not wait for the file event
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         """Run one read statement in autocommit mode (a consistent snapshot) and fetch it all."""
@@ -215,3 +235,30 @@ class SqliteConnector:
                 lambda: watch.execute("PRAGMA data_version").fetchone()[0], self.busy_timeout_s
             )
         return (int(version) << 32) + (self._own_commit_count & 0xFFFFFFFF)
+
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep until change_token() differs from `seen` (see Repository.wait_for_change)."""
+        self._start_file_watch()
+        return self._signal.wait_for_change(self.change_token, seen, timeout_s,
+                                            self._recheck_s, SETTLE_S)
+
+    def interrupt_waits(self) -> None:
+        """Wake every wait_for_change of this process now."""
+        self._signal.interrupt()
+
+    def _recheck_s(self) -> float:
+        files = self._files
+        return SAFETY_RECHECK_S if files is not None and files.alive else NO_WATCH_RECHECK_S
+
+    def _start_file_watch(self) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._watch_lock:
+            if self._files is not None or self._files_failed or self._closed:
+                return
+            try:
+                self._files = FileWatch(self.path, self._signal.bump)
+            except OSError as exc:
+                self._files_failed = True
+                log.warning("cannot watch %s for changes (%s); looking every %g s instead",
+                            self.path, exc, NO_WATCH_RECHECK_S)

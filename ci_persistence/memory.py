@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -74,6 +75,9 @@ class InMemoryRepository:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._changes_cond = threading.Condition(self._lock)  # notified on every write
+        self._interrupts = 0
+        self._seen_interrupts: dict[int, int] = {}  # thread id → interrupt count it saw
         self._changes = 0
         self._users: dict[str, User] = {}
         self._email_index: dict[str, str] = {}
@@ -98,8 +102,32 @@ class InMemoryRepository:
         with self._lock:
             return self._changes
 
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep on a condition every write notifies; see the Protocol."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        with self._lock:
+            interrupts = self._interrupts
+            thread = threading.get_ident()  # an interrupt it missed between waits counts
+            missed = self._seen_interrupts.get(thread, interrupts) != interrupts
+            self._seen_interrupts[thread] = interrupts
+            while not missed and seen is not None and self._changes == seen and \
+                    self._interrupts == interrupts:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changes_cond.wait(left)
+            self._seen_interrupts[thread] = self._interrupts
+            return self._changes
+
+    def interrupt_waits(self) -> None:
+        """Wake every waiter now."""
+        with self._lock:
+            self._interrupts += 1
+            self._changes_cond.notify_all()
+
     def _changed(self) -> None:
         self._changes += 1
+        self._changes_cond.notify_all()  # the caller holds self._lock
 
     def installation_id(self) -> str:
         """A random id made with this repository."""

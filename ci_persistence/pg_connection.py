@@ -5,6 +5,8 @@ Every write transaction ends with a NOTIFY on CHANGES_CHANNEL carrying this conn
 change token listens on one dedicated connection and counts the notifications of everyone else
 (its own commits it counts as they return, so the token moves at once for them). Reading the
 token is one non-blocking look at that connection's socket: no query, no round trip.
+`wait_for_change` sleeps instead: a thread sleeps in select() on that socket and wakes the
+waiters (a ChangeSignal) when a notification arrives; our own commits wake them directly.
 
 No error message ever holds the URL's password: messages name the database by its redacted URL
 and driver text is scrubbed (ci_common.dburl).
@@ -12,6 +14,9 @@ and driver text is scrubbed (ci_common.dburl).
 
 from __future__ import annotations
 
+import logging
+import os
+import select
 import threading
 import time
 import uuid
@@ -27,6 +32,7 @@ from psycopg_pool import PoolClosed, PoolTimeout
 from ci_common.dburl import redact_url, scrub
 from ci_common.errors import CIError, DatabaseError, DatabaseUnavailable
 from ci_persistence.pg_pool import RecoveringPool
+from ci_persistence.waiting import SAFETY_RECHECK_S, ChangeSignal
 
 T = TypeVar("T")
 Cursor = psycopg.Cursor[DictRow]
@@ -37,6 +43,8 @@ POOL_TIMEOUT_S = 30.0  # how long a call waits for a pooled connection before gi
 DEFAULT_POOL_SIZE = 10
 DEADLOCK_ATTEMPTS = 3
 HELD_BACK_RECHECK_S = 0.05  # see hold_back()
+LISTEN_RETRY_S = 1.0  # the listening thread's pause between attempts to reconnect
+log = logging.getLogger(__name__)
 
 
 class PostgresConnector:
@@ -59,6 +67,10 @@ class PostgresConnector:
         self._listener: psycopg.Connection[tuple[Any, ...]] | None = None
         self._held_back = False
         self._held_back_bumped = 0.0
+        self._signal = ChangeSignal()  # wait_for_change sleeps on it
+        self._waker_lock = threading.Lock()
+        self._waker: threading.Thread | None = None
+        self._waker_pipe: tuple[int, int] | None = None  # (read, write): wakes it to stop
 
     # ----------------------------------------------------------------- connections
     def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
@@ -76,6 +88,11 @@ class PostgresConnector:
     def close(self) -> None:
         """Close the pool and the listener. Safe to call twice."""
         self._closed = True
+        with self._waker_lock:
+            if self._waker_pipe is not None:
+                with suppress(OSError):
+                    os.write(self._waker_pipe[1], b"x")
+        self._signal.interrupt()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -131,6 +148,7 @@ class PostgresConnector:
                     continue
                 with self._count_lock:
                     self._changes += 1
+                self._signal.bump()
                 return result
         raise AssertionError("unreachable")
 
@@ -160,6 +178,65 @@ class PostgresConnector:
                 self._held_back_bumped = time.monotonic()
                 self._changes += 1
             return self._changes
+
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep until change_token() differs from `seen` (see Repository.wait_for_change)."""
+        self._start_waker()
+        return self._signal.wait_for_change(self.change_token, seen, timeout_s,
+                                            self._recheck_s)
+
+    def interrupt_waits(self) -> None:
+        """Wake every wait_for_change of this process now."""
+        self._signal.interrupt()
+
+    def _recheck_s(self) -> float:
+        # While rows are held back the token moves by time alone (see hold_back).
+        return HELD_BACK_RECHECK_S if self._held_back else SAFETY_RECHECK_S
+
+    def _start_waker(self) -> None:
+        with self._waker_lock:
+            if self._closed or (self._waker is not None and self._waker.is_alive()):
+                return
+            self._waker_pipe = os.pipe()
+            self._waker = threading.Thread(target=self._wake_on_notify, args=(self._waker_pipe,),
+                                           name="ci-pg-listen", daemon=True)
+            self._waker.start()
+
+    def _wake_on_notify(self, pipe: tuple[int, int]) -> None:
+        """The waker thread: sleep in select() on the LISTEN socket, count what arrives, and
+        wake the waiters; reconnect the listener when it broke."""
+        try:
+            while not self._closed:
+                with self._listen_lock:
+                    listener = self._listener
+                if listener is None:
+                    try:
+                        self.change_token()  # connects and LISTENs; counts as a change
+                    except CIError:
+                        select.select([pipe[0]], [], [], LISTEN_RETRY_S)
+                        continue
+                    self._signal.bump()
+                    continue
+                try:
+                    readable, _, _ = select.select([listener.pgconn.socket, pipe[0]], [], [])
+                except (OSError, ValueError, psycopg.Error):
+                    readable = []  # the listener was closed under us: look at it again
+                if pipe[0] in readable or self._closed:
+                    return
+                with self._listen_lock:
+                    news = self._drain_notifications() if self._listener is listener else 1
+                if news:
+                    with self._count_lock:
+                        self._changes += news
+                    self._signal.bump()
+        except Exception:  # never silently: waiters fall back to their safety re-check
+            log.exception("PostgreSQL change listener stopped")
+        finally:
+            with self._waker_lock:
+                for fd in pipe:
+                    os.close(fd)
+                if self._waker_pipe is pipe:
+                    self._waker_pipe = None
 
     def hold_back(self, held: bool) -> None:
         """poll_events saw committed events it may not hand out yet (an older transaction is

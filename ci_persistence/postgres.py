@@ -150,6 +150,14 @@ class PostgresRepository:
         """Differs after any commit by anyone (LISTEN/NOTIFY plus this process's commits)."""
         return self._db.change_token()
 
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep until a NOTIFY arrives on the LISTEN socket or this process commits."""
+        return self._db.wait_for_change(seen, timeout_s)
+
+    def interrupt_waits(self) -> None:
+        """Wake every wait_for_change of this process now."""
+        self._db.interrupt_waits()
+
     def installation_id(self) -> str:
         """The id the first migration stored; read once, it never changes."""
         if self._installation_id is None:
@@ -284,20 +292,18 @@ class PostgresRepository:
     def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
                   status: JobStatus | None = None) -> list[Job]:
         """The user's jobs (in `status`, if given), newest first (created_at, then id)."""
-        wanted = None if status is None else status.value
+        where, params = _user_jobs(user_id, status)
         rows = self._db.query(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id = %s "
-            "AND (%s::text IS NULL OR status = %s) "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} "
             "ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s",
-            (user_id, wanted, wanted, max(limit, 0), max(offset, 0)))
+            (*params, max(limit, 0), max(offset, 0)))
         return [job_from_row(row) for row in rows]
 
     def count_jobs(self, user_id: str, status: JobStatus | None = None) -> int:
         """How many jobs the user has (in `status`, if given)."""
-        wanted = None if status is None else status.value
-        return int(self._db.query(
-            "SELECT count(*) AS n FROM jobs WHERE user_id = %s "
-            "AND (%s::text IS NULL OR status = %s)", (user_id, wanted, wanted))[0]["n"])
+        where, params = _user_jobs(user_id, status)
+        return int(self._db.query(f"SELECT count(*) AS n FROM jobs WHERE {where}",
+                                  params)[0]["n"])
 
     def request_cancel(self, job_id: str, user_id: str) -> Job:
         """Cancel a queued unclaimed job at once; flag a claimed or running one; atomic."""
@@ -609,6 +615,13 @@ class PostgresRepository:
         last = final[-1]
         return ([event_from_row(row) for row in final],
                 (int(last["xid"]) << _XID_SHIFT) | int(last["id"]))
+
+
+def _user_jobs(user_id: str, status: JobStatus | None) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause of a user's jobs, spelled out per case so each gets its own plan."""
+    if status is None:
+        return "user_id = %s", (user_id,)
+    return "user_id = %s AND status = %s", (user_id, status.value)
 
 
 # --------------------------------------------------------------------- helpers (inside a txn)

@@ -123,6 +123,14 @@ class SqliteRepository:
         """Differs after any commit by anyone (data_version plus this process's commits)."""
         return self._db.change_token()
 
+    def wait_for_change(self, seen: int | None, timeout_s: float) -> int:
+        """Sleep on inotify events of the database files and this process's commits."""
+        return self._db.wait_for_change(seen, timeout_s)
+
+    def interrupt_waits(self) -> None:
+        """Wake every wait_for_change of this process now."""
+        self._db.interrupt_waits()
+
     def installation_id(self) -> str:
         """The id migration 0002 stored; read once, it never changes."""
         if self._installation_id is None:
@@ -246,17 +254,17 @@ class SqliteRepository:
     def list_jobs(self, user_id: str, limit: int = 50, offset: int = 0,
                   status: JobStatus | None = None) -> list[Job]:
         """The user's jobs (in `status`, if given), newest first (created_at, then id)."""
+        where, params = _user_jobs(user_id, status)
         rows = self._db.query(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id = ? AND (? IS NULL OR status = ?) "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} "
             "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-            (user_id, status, status, max(limit, 0), max(offset, 0)))
+            (*params, max(limit, 0), max(offset, 0)))
         return [job_from_row(row) for row in rows]
 
     def count_jobs(self, user_id: str, status: JobStatus | None = None) -> int:
         """How many jobs the user has (in `status`, if given)."""
-        return int(self._db.query(
-            "SELECT count(*) FROM jobs WHERE user_id = ? AND (? IS NULL OR status = ?)",
-            (user_id, status, status))[0][0])
+        where, params = _user_jobs(user_id, status)
+        return int(self._db.query(f"SELECT count(*) FROM jobs WHERE {where}", params)[0][0])
 
     def request_cancel(self, job_id: str, user_id: str) -> Job:
         """Cancel a queued unclaimed job at once; flag a claimed or running one; atomic."""
@@ -542,6 +550,14 @@ class SqliteRepository:
         if not rows:
             return [], cursor
         return [event_from_row(row) for row in rows], int(rows[-1]["id"])
+
+
+def _user_jobs(user_id: str, status: JobStatus | None) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause of a user's jobs: two spelled-out forms, so the planner picks the
+    index each needs (a `? IS NULL OR status = ?` read every job of the user)."""
+    if status is None:
+        return "user_id = ?", (user_id,)
+    return "user_id = ? AND status = ?", (user_id, status.value)
 
 
 # --------------------------------------------------------------------- helpers (inside a txn)

@@ -64,7 +64,7 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
         if on_start is not None:
             on_start()
         repository = await run_in_threadpool(open_repo)
-        relay = EventRelay(repository, settings.event_poll_interval_s)
+        relay = EventRelay(repository, keepalive_s=settings.sse_keepalive_s)
         try:
             await relay.start()
             state.repository, state.relay = repository, relay

@@ -10,29 +10,17 @@ one committed in between is in both and sent once. The stream ends after the END
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from ci_common.errors import InvalidInput
-from ci_common.models import EventKind, JobEvent, JobStatus, OutputStream
+from ci_common.models import EventKind, JobEvent
 from ci_common.repository import MAX_STORED_INT, Repository
-from ci_common.wire import (
-    SSE_EVENT_END,
-    SSE_EVENT_OUTPUT,
-    SSE_EVENT_QUEUE,
-    SSE_EVENT_STATUS,
-    EndData,
-    OutputData,
-    QueueData,
-    StatusData,
-)
-from ci_server.relay import EventRelay, QueuePosition, Subscription
+from ci_server.relay import EventRelay, Subscription
+from ci_server.sse import EncodedEvent, comment
 
 HISTORY_PAGE_EVENTS = 1000
 KEEPALIVE_COMMENT = "keep-alive"
@@ -80,91 +68,97 @@ def start_after(resume: ResumePoint, last_seq: int) -> int:
     return 0 if resume.since is Since.START else last_seq
 
 
-def to_sse(event: JobEvent) -> ServerSentEvent:
-    """A stored event as it goes on the wire (see ci_common.wire)."""
-    data: StatusData | OutputData | EndData
-    if event.kind is EventKind.STATUS:
-        data, name = StatusData(status=JobStatus(event.text)), SSE_EVENT_STATUS
-    elif event.kind is EventKind.OUTPUT:
-        data = OutputData(stream=event.stream or OutputStream.STDOUT, text=event.text)
-        name = SSE_EVENT_OUTPUT
-    else:
-        data, name = EndData.model_validate(json.loads(event.text)), SSE_EVENT_END
-    return ServerSentEvent(id=str(event.seq), event=name, raw_data=data.model_dump_json())
-
-
-def queue_sse(position: QueuePosition) -> ServerSentEvent:
-    """A queue position on the wire: no id, so Last-Event-ID stays on the stored events."""
-    return ServerSentEvent(event=SSE_EVENT_QUEUE,
-                           raw_data=QueueData(ahead=position.ahead).model_dump_json())
-
-
 async def stream_events(repository: Repository, relay: EventRelay, subscription: Subscription,
-                        resume: ResumePoint, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
-    """Yield the job's events from the resume point until (and including) its END event.
+                        resume: ResumePoint) -> AsyncIterator[bytes]:
+    """Yield the job's events, as SSE bytes, from the resume point until its END event.
 
+    Each chunk holds every event that was pending (one write per watcher per relay batch);
+    keep-alive comments come when the relay's ticker says the stream was quiet.
     `subscription` must already be registered (step 1). The caller removes it afterwards, from
     code that runs even when the client leaves while this generator is suspended at a yield
-    (the route uses a dependency with `yield`; a `finally` in here would wait for the GC).
+    (the route uses a dependency with `yield`).
     """
     job_id = subscription.job_id
+    cache = relay.encodings
     last_seq = await run_in_threadpool(repository.last_event_seq, job_id)
     after = start_after(resume, last_seq)
     sent = after
     # Tells the client (and tests) the stream is live and where it starts; flushes proxies.
     # The id (no data: EventSource dispatches nothing) is where a reconnect must resume, so a
     # `since=now` client whose stream drops before its first event misses nothing.
-    yield ServerSentEvent(comment=f"{OPENING_COMMENT} {after}", id=str(after))
+    yield comment(f"{OPENING_COMMENT} {after}", after)
     # Read from one event earlier than asked when the client is caught up: if that event is
     # the END of a finished job, the client still learns the outcome.
-    async for event in _history(repository, job_id, min(after, max(last_seq - 1, 0))):
-        if event.seq <= after and event.kind is not EventKind.END:
-            continue
-        yield to_sse(event)
-        sent = max(sent, event.seq)
-        if event.kind is EventKind.END:
-            return
+    async for page in _history(repository, job_id, min(after, max(last_seq - 1, 0))):
+        chunk = [cache.get(event) for event in page
+                 if event.seq > after or event.kind is EventKind.END]
+        if chunk:
+            yield _join(chunk)
+            sent = max(sent, _last_seq(chunk, sent))
+            if chunk[-1].is_end:
+                return
     while True:
-        if subscription.overflowed and subscription.queue.empty():
+        if subscription.overflowed and subscription.empty():
             # The relay dropped us while the client lagged: catch up from the database.
             relay.resubscribe(subscription)
-            async for event in _history(repository, job_id, sent):
-                yield to_sse(event)
-                sent = event.seq
-                if event.kind is EventKind.END:
+            async for page in _history(repository, job_id, sent):
+                chunk = [cache.get(event) for event in page]
+                yield _join(chunk)
+                sent = _last_seq(chunk, sent)
+                if chunk[-1].is_end:
                     return
             continue
-        live = await _next_event(subscription, keepalive_s)
-        if live is None:
-            yield ServerSentEvent(comment=KEEPALIVE_COMMENT)
+        batch = await subscription.take()
+        if not batch:
+            if not subscription.overflowed:
+                yield comment(KEEPALIVE_COMMENT)
             continue
-        if isinstance(live, QueuePosition):
-            yield queue_sse(live)
-            continue
-        if live.seq <= sent:
-            continue
-        yield to_sse(live)
-        sent = live.seq
-        if live.kind is EventKind.END:
-            return
+        fresh = _after(batch, sent)
+        if fresh:
+            yield _join(fresh)
+            sent = _last_seq(fresh, sent)
+            if fresh[-1].is_end:
+                return
 
 
-async def _history(repository: Repository, job_id: str, after_seq: int) -> AsyncIterator[JobEvent]:
+def _after(batch: list[EncodedEvent], sent: int) -> list[EncodedEvent]:
+    """The events of a batch to send: seqs above `sent`, each once, increasing, up to END.
+
+    A batch may repeat a seq (the relay may hand the same row over twice, e.g. on PostgreSQL
+    while rows are held back behind an older transaction): never send one twice.
+    """
+    fresh = []
+    for event in batch:
+        if event.seq is not None:
+            if event.seq <= sent:
+                continue
+            sent = event.seq
+        fresh.append(event)
+        if event.is_end:
+            break
+    return fresh
+
+
+def _last_seq(events: list[EncodedEvent], default: int) -> int:
+    """The seq of the last stored event among `events` (queue positions have none)."""
+    for event in reversed(events):
+        if event.seq is not None:
+            return event.seq
+    return default
+
+
+def _join(events: list[EncodedEvent]) -> bytes:
+    return events[0].data if len(events) == 1 else b"".join(event.data for event in events)
+
+
+async def _history(repository: Repository, job_id: str,
+                   after_seq: int) -> AsyncIterator[list[JobEvent]]:
+    """The job's events after after_seq, in pages of HISTORY_PAGE_EVENTS (non-empty)."""
     while True:
         page = await run_in_threadpool(repository.list_events, job_id, after_seq,
                                        HISTORY_PAGE_EVENTS)
-        for event in page:
-            yield event
+        if page:
+            yield page
         if len(page) < HISTORY_PAGE_EVENTS:
             return
         after_seq = page[-1].seq
-
-
-async def _next_event(subscription: Subscription,
-                      timeout_s: float) -> JobEvent | QueuePosition | None:
-    """The next queued item, or None after `timeout_s` of quiet (time for a keep-alive)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await subscription.queue.get()
-    except TimeoutError:
-        return None

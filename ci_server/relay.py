@@ -1,17 +1,20 @@
 """The event relay: one database reader per replica, fanning job events out to SSE subscribers.
 
 A dedicated thread (so the repository sees one connection, whatever the number of clients)
-checks `change_token()` every `event_poll_interval_s`; when it moved, it pages through
-`poll_events(cursor)` and hands each batch to the event loop, which puts every event on the
-queues of that job's subscribers.
+sleeps in `Repository.wait_for_change`; when the token moved, it pages through
+`poll_events(cursor)` and hands each batch to the event loop. There each event is encoded once
+(`ci_server.sse`, cached for all watchers) and each subscriber of its job gets the batch's
+encoded events appended to its pending list and one wake-up: a watcher writes everything
+pending in one chunk, however many events a batch holds. An idle replica makes no query.
 
-A subscriber whose queue is full (a client reading slower than its job prints) is dropped and
-flagged `overflowed`: it re-reads what it missed from the database instead of making the relay
+Memory per subscriber is bounded: one whose pending list would exceed `queue_size` events (a
+client reading slower than its job prints) is dropped and flagged `overflowed`; it then
+catches up from the database (in pages) and subscribes again, instead of making the relay
 wait or buffer without bound.
 
 Queue positions: while a watched job may still be waiting, the same thread reads the queue
-snapshot after a change (at most every QUEUE_REFRESH_S) and hands each subscriber a
-QueuePosition whenever its job's position changed (policy.jobs_ahead: the claim order). A
+snapshot after a change (at most every QUEUE_REFRESH_S) and offers each subscriber an encoded
+`event: queue` (no id) whenever its job's position changed (policy.jobs_ahead: the claim order). A
 claim writes no event, but it moves the change token, which is what triggers the read.
 """
 
@@ -21,19 +24,29 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
 from ci_persistence.policy import jobs_ahead
+from ci_server.sse import EncodedEvent, EncodingCache, encode_position
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIBER_QUEUE_EVENTS = 1024
+SUBSCRIBER_QUEUE_EVENTS = 4096  # pending events per subscriber before it must catch up
 ERROR_BACKOFF_S = 1.0  # after a failed poll (database busy or gone), wait before the next
 STOP_TIMEOUT_S = 5.0
+# A job with more watchers than this gets its events delivered at most every CROWD_PACE_S
+# (see fan_out): writes, not encoding or reading, are what a thousand watchers cost.
+CROWD_WATCHERS = 100
+CROWD_PACE_S = 0.1
+DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times this
+# The longest the thread sleeps before looking at the token by itself. The repository wakes
+# it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
+# notification; it is not a polling period.
+WAIT_SLICE_S = 30.0
 # Queue positions are read at most this often (a read of every waiting job): a client sees a
 # new position within this long, and a busy database is not read once per output line.
 QUEUE_REFRESH_S = 0.2
@@ -43,33 +56,70 @@ QUEUE_READ_SHARE = 0.1
 _UNSENT = -1  # no position sent to the subscriber yet
 
 
-@dataclass(frozen=True, slots=True)
-class QueuePosition:
-    """A job's place in the queue, for its subscribers (not a stored event: no seq)."""
-
-    job_id: str
-    ahead: int | None  # waiting jobs claimed before it; None: claimed, starting
-
-
 class Subscription:
-    """One SSE client's view of one job: a bounded queue the relay fills."""
+    """One SSE client's view of one job: encoded events the relay appends, bounded."""
 
     def __init__(self, job_id: str, maxsize: int = SUBSCRIBER_QUEUE_EVENTS) -> None:
         self.job_id = job_id
-        self.queue: asyncio.Queue[JobEvent | QueuePosition] = asyncio.Queue(maxsize=maxsize)
+        self.maxsize = maxsize
         self.overflowed = False  # set by the relay when it had to drop this subscriber
-        self.position: int | None = _UNSENT  # the last position put on the queue
+        self.position: int | None = _UNSENT  # the last queue position offered
         self.may_wait = True  # its job may still be waiting (cleared once seen otherwise)
+        self._pending: deque[EncodedEvent] = deque()
+        self._ready = asyncio.Event()
+        self._quiet_ticks = 0  # relay ticks (half keep-alive periods) since the last offer
+
+    def offer(self, events: list[EncodedEvent]) -> bool:
+        """Append a batch (event loop); False, appending nothing, when it would not fit."""
+        if len(self._pending) + len(events) > self.maxsize:
+            return False
+        self._pending.extend(events)
+        self._quiet_ticks = 0
+        self._ready.set()
+        return True
+
+    def tick(self) -> None:
+        """Half a keep-alive period passed (the relay's ticker): after two with nothing
+        offered, wake the stream with nothing, so it sends a keep-alive comment."""
+        self._quiet_ticks += 1
+        if self._quiet_ticks >= 2:
+            self._quiet_ticks = 0
+            self._ready.set()
+
+    def empty(self) -> bool:
+        return not self._pending
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def take_nowait(self) -> list[EncodedEvent]:
+        """Everything pending, oldest first (possibly nothing)."""
+        taken = list(self._pending)
+        self._pending.clear()
+        self._ready.clear()
+        return taken
+
+    async def take(self) -> list[EncodedEvent]:
+        """Everything pending, waiting for something; [] when a keep-alive is due (or the
+        relay dropped this subscriber). No timer per wait: with a thousand watchers and a line
+        every few ms, one timer per line per watcher cost more than the writes."""
+        if not self._pending:
+            await self._ready.wait()
+        return self.take_nowait()
 
 
 class EventRelay:
-    """Polls the repository for new events from one thread and fans them out to subscribers."""
+    """Waits for new events in one thread and fans them out to subscribers, encoded once."""
 
-    def __init__(self, repository: Repository, poll_interval_s: float,
-                 queue_size: int = SUBSCRIBER_QUEUE_EVENTS) -> None:
+    def __init__(self, repository: Repository, queue_size: int = SUBSCRIBER_QUEUE_EVENTS,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self._repository = repository
-        self._poll_interval_s = poll_interval_s
         self._queue_size = queue_size
+        self._keepalive_s = keepalive_s
+        self._ticker: asyncio.Task[None] | None = None
+        self._held: dict[str, list[EncodedEvent]] = {}  # paced jobs' events awaiting a flush
+        self._last_flush: dict[str, float] = {}  # job id → monotonic time of its last delivery
+        self.encodings = EncodingCache()
         self._subscribers: dict[str, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -81,6 +131,8 @@ class EventRelay:
         # _subscribers is changed on the event loop; the thread reads which jobs to place.
         self._subscribers_lock = threading.Lock()
         self._queue_due = threading.Event()  # a change or a new subscriber: place again
+        # Jobs with a subscriber that may still wait; empty, a change reads no queue at all.
+        self._waiting_jobs: set[str] = set()
         self._next_queue_read = 0.0  # monotonic time before which no snapshot is read
         self.queue_reads = 0  # queue_snapshot calls made, for tests
 
@@ -100,13 +152,18 @@ class EventRelay:
         if self._start_error is not None:
             self._thread = None
             raise self._start_error
+        self._ticker = asyncio.create_task(self._tick_forever(), name="ci-sse-keepalive")
 
     async def stop(self) -> None:
         """Stop the thread and wait for it; safe to call twice."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
         thread, self._thread = self._thread, None
         if thread is None:
             return
         self._stop.set()
+        self._repository.interrupt_waits()
         await asyncio.to_thread(thread.join, STOP_TIMEOUT_S)
         if thread.is_alive():
             logger.warning("event relay thread did not stop within %.0f s", STOP_TIMEOUT_S)
@@ -129,7 +186,10 @@ class EventRelay:
         subscription = Subscription(job_id, self._queue_size)
         with self._subscribers_lock:
             self._subscribers.setdefault(job_id, set()).add(subscription)
-        self._queue_due.set()  # its first position, if its job waits
+            self._waiting_jobs.add(job_id)
+        if not self._queue_due.is_set():  # its first position, if its job waits
+            self._queue_due.set()
+            self._repository.interrupt_waits()  # the thread may be asleep for a while
         return subscription
 
     def resubscribe(self, subscription: Subscription) -> None:
@@ -146,6 +206,7 @@ class EventRelay:
             subscribers.discard(subscription)
             if not subscribers:
                 del self._subscribers[subscription.job_id]
+                self._waiting_jobs.discard(subscription.job_id)
 
     def subscriber_count(self, job_id: str | None = None) -> int:
         if job_id is not None:
@@ -153,14 +214,55 @@ class EventRelay:
         return sum(len(s) for s in self._subscribers.values())
 
     def fan_out(self, events: list[JobEvent]) -> None:
-        """Put each event on its job's subscriber queues (runs on the event loop)."""
+        """Encode each event once and append its job's events to each subscriber (event loop).
+
+        A job watched by more than CROWD_WATCHERS is paced: its events reach the watchers at
+        most every CROWD_PACE_S (one timer for all of them), so a line every few ms costs each
+        watcher one write per pace, not one per line. The first events after a quiet spell go
+        out at once; fewer watchers are never delayed.
+        """
+        by_job: dict[str, list[JobEvent]] = {}
         for event in events:
-            for subscription in list(self._subscribers.get(event.job_id, ())):
-                try:
-                    subscription.queue.put_nowait(event)
-                except asyncio.QueueFull:
-                    subscription.overflowed = True
-                    self.remove_subscriber(subscription)
+            if event.job_id in self._subscribers:
+                by_job.setdefault(event.job_id, []).append(event)
+        now = time.monotonic()
+        for job_id, job_events in by_job.items():
+            encoded = [self.encodings.get(event) for event in job_events]
+            held = self._held.get(job_id)
+            if held is not None:  # a flush is already scheduled: join it
+                held.extend(encoded)
+                continue
+            crowd = len(self._subscribers.get(job_id, ())) > CROWD_WATCHERS
+            wait = self._last_flush.get(job_id, 0.0) + CROWD_PACE_S - now
+            if crowd and wait > 0 and self._loop is not None:
+                self._held[job_id] = encoded
+                self._loop.call_later(wait, self._flush_held, job_id)
+            else:
+                self._deliver(job_id, encoded, now)
+
+    def _flush_held(self, job_id: str) -> None:
+        encoded = self._held.pop(job_id, None)
+        if encoded:
+            self._deliver(job_id, encoded, time.monotonic())
+
+    def _deliver(self, job_id: str, encoded: list[EncodedEvent], now: float) -> None:
+        self._last_flush[job_id] = now
+        if len(self._last_flush) > 2 * len(self._subscribers) + 100:  # forget quiet jobs
+            self._last_flush = {j: t for j, t in self._last_flush.items()
+                                if j in self._subscribers}
+        for subscription in list(self._subscribers.get(job_id, ())):
+            if not subscription.offer(encoded):
+                subscription.overflowed = True
+                self.remove_subscriber(subscription)
+                subscription.offer([])  # wake it: it catches up from the database
+
+    async def _tick_forever(self) -> None:
+        """One timer for every stream's keep-alive, instead of one per stream per wait."""
+        while True:
+            await asyncio.sleep(self._keepalive_s / 2)
+            for subscriptions in list(self._subscribers.values()):
+                for subscription in list(subscriptions):
+                    subscription.tick()
 
     def fan_out_positions(self, ahead: dict[str, int], placed: set[str]) -> None:
         """Give each subscriber of a placed job its position, when it changed (event loop).
@@ -170,6 +272,9 @@ class EventRelay:
         """
         for job_id in placed:
             position = ahead.get(job_id)
+            if position is None:
+                with self._subscribers_lock:
+                    self._waiting_jobs.discard(job_id)
             for subscription in list(self._subscribers.get(job_id, ())):
                 if position is None:
                     subscription.may_wait = False
@@ -178,11 +283,10 @@ class EventRelay:
                 elif subscription.position == position:
                     continue
                 subscription.position = position
-                try:
-                    subscription.queue.put_nowait(QueuePosition(job_id, position))
-                except asyncio.QueueFull:
+                if not subscription.offer([encode_position(position)]):
                     subscription.overflowed = True
                     self.remove_subscriber(subscription)
+                    subscription.offer([])  # wake it: it catches up from the database
 
     def _place_waiting_jobs(self) -> None:
         """Read the queue and hand positions to the loop (thread; after a change, throttled)."""
@@ -211,7 +315,13 @@ class EventRelay:
         except RuntimeError:  # the loop closed under us: the app is shutting down
             self._stop.set()
 
-    # ----------------------------------------------------------------- the polling thread
+    # ----------------------------------------------------------------- the waiting thread
+    def _wait_s(self) -> float:
+        """How long the thread may sleep: until a due queue read is allowed, else a slice."""
+        if self._queue_due.is_set():
+            return max(0.0, min(WAIT_SLICE_S, self._next_queue_read - time.monotonic()))
+        return WAIT_SLICE_S
+
     def _run(self) -> None:
         try:
             token = self._repository.change_token()
@@ -224,13 +334,14 @@ class EventRelay:
         failing = False
         while not self._stop.is_set():
             try:
-                current = self._repository.change_token()
-                if current != token:
+                current = self._repository.wait_for_change(token, self._wait_s())
+                if current != token and not self._stop.is_set():
                     self._drain()
                     # Only now: after a failed poll the token must still look unseen. Read
                     # before polling, it moves again for a commit landing during the poll.
                     token = current
-                    self._queue_due.set()
+                    if self._waiting_jobs:
+                        self._queue_due.set()
                 self._place_waiting_jobs()
                 if failing:
                     logger.info("event relay: repository answers again")
@@ -240,8 +351,6 @@ class EventRelay:
                     logger.warning("event relay: polling failed (%s); retrying", exc)
                 failing = True
                 self._stop.wait(ERROR_BACKOFF_S)
-                continue
-            self._stop.wait(self._poll_interval_s)
 
     def _drain(self) -> None:
         while not self._stop.is_set():

@@ -47,3 +47,13 @@ def get_relay(request: Request) -> EventRelay:
     if relay is None:
         raise NotStarted()
     return relay
+
+
+# The same as dependencies, as coroutines: FastAPI runs a plain function dependency in the
+# threadpool, a hop that cost a thousand watchers joining at once more than their queries.
+async def repository_dependency(request: Request) -> Repository:
+    return get_repository(request)
+
+
+async def relay_dependency(request: Request) -> EventRelay:
+    return get_relay(request)

@@ -74,10 +74,13 @@ class _Hooked(httpx.SyncByteStream):
         self.hooks = hooks
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.inner:
-            yield chunk
-            for hook in self.hooks:
-                hook(chunk)
+        # One SSE message per chunk, whatever the server coalesced into one write (a network
+        # may split a stream anywhere), so hooks can act between any two events.
+        for written in self.inner:
+            for chunk in re.findall(rb".*?\n\n|.+$", written, re.DOTALL):
+                yield chunk
+                for hook in self.hooks:
+                    hook(chunk)
 
     def close(self) -> None:
         self.inner.close()
@@ -150,7 +153,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
     user = repo.create_user("Ada", "ada@example.com")
     key = generate_key()
     repo.create_api_key(user.id, "dev", key.key_hash, key.prefix)
-    settings = Settings(sse_keepalive_s=0.05, event_poll_interval_s=0.002,
+    settings = Settings(sse_keepalive_s=0.05,
                         max_upload_bytes=1024 * 1024)
     with TestClient(create_app(settings, repo)) as test_client:
         yield Service(repo, Wire(test_client._transport), key.plaintext, user.id, tmp_path)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +36,7 @@ from ci_common.wire import EndData
 from ci_persistence import InMemoryRepository, SqliteRepository
 from ci_persistence.migrate import load_migrations
 from ci_persistence.postgres import PostgresRepository
+from ci_persistence.waiting import SAFETY_RECHECK_S
 from tests.leases import hold_lease, owner_fence
 
 CTRL = "controller-1"
@@ -614,6 +618,110 @@ def test_list_events_after_seq_and_limit(repo: Repository, user: User) -> None:
     assert repo.last_event_seq(job.id) == 8
     assert repo.last_event_seq(str(uuid.uuid4())) == 0
     assert all(is_aware_utc(e.created_at) for e in repo.list_events(job.id))
+
+
+# --------------------------------------------------------------------------- waiting for a change
+def test_wait_for_change_times_out_when_nothing_happens(repo: Repository, user: User) -> None:
+    seen = repo.change_token()
+    started = time.monotonic()
+    assert repo.wait_for_change(seen, 0.3) == seen
+    assert time.monotonic() - started >= 0.25
+    assert repo.wait_for_change(None, 10.0) == seen  # None: the current token, at once
+    assert repo.wait_for_change(seen - 1, 10.0) == seen  # already moved: at once
+
+
+def test_wait_for_change_wakes_on_a_write_of_another_thread(repo: Repository, user: User) -> None:
+    seen = repo.change_token()
+    woke: list[int] = []
+    waiter = threading.Thread(target=lambda: woke.append(repo.wait_for_change(seen, 30.0)))
+    waiter.start()
+    time.sleep(0.1)
+    assert not woke  # asleep: nothing changed yet
+    repo.create_job(user.id, b"zip", None)
+    waiter.join(20.0)  # well before its own timeout
+    # Woken with a moved token (SQLite may see the file event before the writer thread counts
+    # its own commit: the token then moves once more, which only costs the waiter a look).
+    assert woke and woke[0] != seen and repo.change_token() != seen
+
+
+def test_interrupt_waits_returns_every_waiter_without_a_change(repo: Repository) -> None:
+    seen = repo.change_token()
+    woke: list[int] = []
+    waiters = [threading.Thread(target=lambda: woke.append(repo.wait_for_change(seen, 30.0)))
+               for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.1)
+    repo.interrupt_waits()
+    for waiter in waiters:
+        waiter.join(20.0)
+    assert woke == [seen] * 3
+
+
+def test_an_interrupt_between_two_waits_is_not_lost(repo: Repository) -> None:
+    """"Set a flag, interrupt" must not race with "check the flag, wait" (a stop, say)."""
+    seen = repo.change_token()
+    assert repo.wait_for_change(seen, 0.01) == seen  # this thread has waited before
+    repo.interrupt_waits()  # ... and is not waiting now
+    started = time.monotonic()
+    assert repo.wait_for_change(seen, 30.0) == seen
+    assert time.monotonic() - started < 10.0  # returned at once, not at its timeout
+    started = time.monotonic()
+    assert repo.wait_for_change(seen, 0.2) == seen  # consumed: the next wait sleeps
+    assert time.monotonic() - started >= 0.15
+
+
+_COMMIT_WHEN_TOLD = """
+import sys
+from ci_persistence.postgres import PostgresRepository
+from ci_persistence.sqlite import SqliteRepository
+kind, target = sys.argv[1], sys.argv[2]
+repo = SqliteRepository(target) if kind == "sqlite" else PostgresRepository(target)
+print("ready", flush=True)
+sys.stdin.readline()
+repo.create_user("Other", "other@example.com")
+print("committed", flush=True)
+sys.stdin.readline()
+repo.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_wait_for_change_wakes_on_another_process_commit(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Woken by the commit itself (inotify / NOTIFY), well before the safety re-check."""
+    target = (str(tmp_path / "ci.db") if kind == "sqlite"
+              else request.getfixturevalue("postgres_url"))
+    repo: Repository = (SqliteRepository(target) if kind == "sqlite"
+                        else PostgresRepository(target))
+    child = subprocess.Popen([sys.executable, "-c", _COMMIT_WHEN_TOLD, kind, target],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        seen = repo.wait_for_change(repo.change_token(), 0.2)  # waiting machinery started
+        woke: list[tuple[int, float]] = []
+        waiter = threading.Thread(target=lambda: woke.append(
+            (repo.wait_for_change(seen, 30.0), time.monotonic())))
+        waiter.start()
+        time.sleep(0.2)
+        assert not woke
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "committed"
+        committed = time.monotonic()
+        waiter.join(20.0)
+        assert woke and woke[0][0] != seen
+        assert woke[0][1] - committed < SAFETY_RECHECK_S  # not the periodic look
+        assert [u.email for u in repo.list_users()] == ["other@example.com"]
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        repo.close()
 
 
 def test_poll_events_cursor_semantics(repo: Repository, user: User) -> None:

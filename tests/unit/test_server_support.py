@@ -21,7 +21,7 @@ from ci_persistence.memory import InMemoryRepository
 from ci_server.app import create_app
 from tests.leases import owner_fence
 
-BASE_SETTINGS = Settings(event_poll_interval_s=0.002, sse_keepalive_s=5.0,
+BASE_SETTINGS = Settings(sse_keepalive_s=5.0,
                          auth_failures_per_minute=1000)
 
 
