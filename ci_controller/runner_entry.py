@@ -25,6 +25,15 @@ Phase frames say how the run went; the last one is one of:
     tests exited <N>                 exit N (pytest's exit code)
     terminated                       exit 143 (SIGTERM: the job was cancelled)
     runner error: <message>          exit 102
+
+With `--env-mode build|use` (the installed-environment cache, see ci_controller/envcache.py)
+the requirements go into a virtualenv at `--env-dir` instead of the system's site-packages,
+and phase frames before `tests started` say what became of it:
+
+    env built {"id": …, "python": "3.11.2", "size": <bytes>}   the build succeeded: cache it
+    env used <id>                     the cached environment was sound and is used as it is
+    env broken <id>: <reason>         it was not (missing, half-written, other requirements…):
+                                      the job installs afresh elsewhere, uncached
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ import argparse
 import codecs
 import collections
 import contextlib
+import hashlib
 import json
 import os
+import platform
 import selectors
 import signal
 import stat
@@ -70,6 +81,12 @@ PIP_FLAGS = ["--no-input", "--progress-bar", "off"]
 PYTEST_ARGS = ["-v", "-p", "no:cacheprovider"]
 JUNIT_NAME = "junit.xml"  # pytest's report, written beside the work dir (not in the project)
 REPORT_PREFIX = "report "  # a phase frame: REPORT_PREFIX + the JSON of summarize_junit
+ENV_BUILT_PREFIX = "env built "  # + JSON {"id", "python", "size"}
+ENV_USED_PREFIX = "env used "  # + the entry id
+ENV_BROKEN_PREFIX = "env broken "  # + the entry id + ": " + reason
+TESTS_STARTED = "tests started"
+ENV_MARKER = ".ci-env.json"  # written into the environment last: its presence means complete
+LOCAL_ENV_DIR = "/ci/local-env"  # where a job whose cached environment is broken installs
 MAX_JUNIT_BYTES = 64 * 1024 * 1024  # a larger report is not read (the counts are then absent)
 MAX_FAILING = 50  # failing test ids reported
 SLOWEST = 5  # slowest tests reported
@@ -287,6 +304,8 @@ class Runner:
             raise Terminated()
         # Like a CI log: the command first, so the user sees which step an error belongs to.
         shown = ["python" if word == sys.executable else word for word in command]
+        if command[0].endswith("/bin/python"):  # an environment's interpreter
+            shown[0] = "python"
         self.emitter.emit(STDOUT, "$ " + " ".join(shown) + "\n")
         # Its own session: SIGTERM and the final cleanup reach every process it started.
         child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -340,10 +359,10 @@ def has_requirements(path: str) -> bool:
         return any(line.strip() and not line.strip().startswith("#") for line in handle)
 
 
-def pytest_missing(cwd: str) -> bool:
+def pytest_missing(cwd: str, python: str = sys.executable) -> bool:
     """Whether pytest cannot be imported (the project did not ask for it)."""
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytest') is None)"
-    return subprocess.call([sys.executable, "-c", probe], cwd=cwd,
+    return subprocess.call([python, "-c", probe], cwd=cwd,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) != 0
 
 
@@ -405,6 +424,99 @@ def _seconds(text: str | None) -> float:
     return value if value >= 0 and value != float("inf") else 0.0
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (requirements.txt: the cache key's part)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(COPY_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_size(path: str) -> int:
+    """Bytes of the regular files under path (what `du -sb` calls the apparent size)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
+def env_problem(env_dir: str, requirements_sha256: str) -> str | None:
+    """Why a cached environment cannot be used as it is; None when it is sound."""
+    try:
+        with open(os.path.join(env_dir, ENV_MARKER), encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return "it is missing or was never completed"
+    if not isinstance(marker, dict) or marker.get("requirements_sha256") != requirements_sha256:
+        return "it was built from another requirements.txt"
+    if marker.get("python") != platform.python_version():
+        return f"it was built with Python {marker.get('python')}"
+    if not os.access(os.path.join(env_dir, "bin", "python"), os.X_OK):
+        return "its interpreter is missing"
+    return None
+
+
+def build_env(env_dir: str, workdir: str, runner: Runner, has_reqs: bool) -> int:
+    """A virtualenv at env_dir with the requirements (and pytest) in it; pip's exit code.
+
+    `--system-site-packages` keeps what the image provides visible, as without the cache, and
+    `--without-pip` makes it in milliseconds: the image's pip installs into it.
+    """
+    code = runner.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                       env_dir], cwd=workdir)
+    if code != 0:
+        return code
+    pip = [os.path.join(env_dir, "bin", "python"), "-m", "pip", "install"] + PIP_FLAGS
+    if has_reqs:
+        code = runner.run(pip + ["-r", "requirements.txt"], cwd=workdir)
+        if code != 0:
+            return code
+    if pytest_missing(workdir, os.path.join(env_dir, "bin", "python")):
+        return runner.run(pip + ["pytest"], cwd=workdir)
+    return 0
+
+
+def prepare_env(args: argparse.Namespace, emitter: Emitter, runner: Runner,
+                requirements: str) -> str | None:
+    """Install into (or reuse) the job's environment; its interpreter, None if pip failed."""
+    sha = file_sha256(requirements)
+    # The controller keyed the entry on the requirements.txt it read from the archive; should
+    # the unpacked one differ (a zip with two such entries), nothing is used or cached.
+    same = sha == args.env_sha256
+    env_dir = args.env_dir
+    cacheable = args.env_mode == "build" and same
+    if args.env_mode == "use":
+        problem = env_problem(env_dir, sha) if same else "requirements.txt is not the one keyed"
+        if problem is None:
+            emitter.emit(STDOUT, f"[ci] {args.env_note}\n")
+            emitter.phase(ENV_USED_PREFIX + args.env_id)
+            return os.path.join(env_dir, "bin", "python")
+        emitter.phase(f"{ENV_BROKEN_PREFIX}{args.env_id}: {problem}")
+        emitter.emit(STDOUT, f"[ci] cached environment unusable ({problem}); installing "
+                             "dependencies\n")
+        env_dir = LOCAL_ENV_DIR
+    else:
+        emitter.emit(STDOUT, f"[ci] {args.env_note}\n")
+        if not same:
+            env_dir = LOCAL_ENV_DIR
+    code = build_env(env_dir, args.workdir, runner, has_requirements(requirements))
+    if code != 0:
+        emitter.phase(f"install failed (exit {code})")
+        return None
+    if cacheable:
+        python = platform.python_version()
+        with open(os.path.join(env_dir, ENV_MARKER), "w", encoding="utf-8") as handle:
+            json.dump({"requirements_sha256": sha, "python": python}, handle)
+        emitter.phase(ENV_BUILT_PREFIX + json.dumps(
+            {"id": args.env_id, "python": python, "size": tree_size(env_dir)}))
+    return os.path.join(env_dir, "bin", "python")
+
+
 def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     """Unpack, install, test; returns the exit code of the container."""
     try:
@@ -415,8 +527,13 @@ def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     except InvalidArchive as exc:
         emitter.phase("invalid archive: " + str(exc))
         return EXIT_INVALID_ARCHIVE
-    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
     emitter.phase("install started")
+    if args.env_mode != "none":
+        python = prepare_env(args, emitter, runner, requirements)
+        if python is None:
+            return EXIT_INSTALL_FAILED
+        return run_tests(args, emitter, runner, python)
+    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
     if has_requirements(requirements):
         code = runner.run(pip + ["-r", "requirements.txt"], cwd=args.workdir)
         if code != 0:
@@ -427,14 +544,21 @@ def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
         if code != 0:
             emitter.phase(f"install failed (exit {code})")
             return EXIT_INSTALL_FAILED
-    emitter.phase("tests started")
+    return run_tests(args, emitter, runner, sys.executable)
+
+
+def run_tests(args: argparse.Namespace, emitter: Emitter, runner: Runner, python: str) -> int:
+    """Run pytest with `python`, report, and return the container's exit code."""
+    emitter.phase(TESTS_STARTED)
     junit = os.path.join(os.path.dirname(args.workdir), JUNIT_NAME)
     env = test_environment(args.workdir)
     # Through the environment, not the command line: the command shown to the user stays the
     # one they would type, and it wins over a --junitxml in the project's own addopts.
     env["PYTEST_ADDOPTS"] = f"--junitxml={junit}"
-    code = runner.run([sys.executable, "-m", "pytest", *PYTEST_ARGS], cwd=args.workdir,
-                      env=env)
+    if python != sys.executable:  # the environment's scripts (console entry points) first
+        env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
+        env["VIRTUAL_ENV"] = os.path.dirname(os.path.dirname(python))
+    code = runner.run([python, "-m", "pytest", *PYTEST_ARGS], cwd=args.workdir, env=env)
     summary = summarize_junit(junit, args.workdir)
     if summary is not None:
         emitter.phase(REPORT_PREFIX + json.dumps(summary, ensure_ascii=False))
@@ -450,6 +574,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-entries", type=int, required=True)
     parser.add_argument("--log-limit", type=int, default=0,
                         help="bytes of output the controller keeps (0: no limit, no dropping)")
+    parser.add_argument("--env-mode", choices=("none", "build", "use"), default="none",
+                        help="none: install into the system; build: into a new environment "
+                             "at --env-dir; use: run with the one there if it is sound")
+    parser.add_argument("--env-dir", default="/ci/env")
+    parser.add_argument("--env-id", default="", help="the cache entry (echoed in env phases)")
+    parser.add_argument("--env-sha256", default="", help="requirements.txt's hash it is keyed on")
+    parser.add_argument("--env-note", default="", help="the line shown before installing/using")
     args = parser.parse_args(argv)
     args.workdir = os.path.abspath(args.workdir)
     return args

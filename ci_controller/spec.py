@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ci_common.settings import Settings
+from ci_controller.envcache import ENV_DIR, NO_CACHE, EnvMode, EnvPlan, runner_args
 from ci_controller.runtime import ContainerSpec, Mount
 
 LABEL_JOB_ID = "ci.job_id"
@@ -58,7 +59,7 @@ def controller_labels(settings: Settings, installation_id: str) -> dict[str, str
     return {LABEL_INSTALLATION_ID: installation_id, LABEL_CONTROLLER_ID: settings.controller_id}
 
 
-def runner_command(settings: Settings) -> tuple[str, ...]:
+def runner_command(settings: Settings, env_args: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The container's command: the runner script with the archive and log limits."""
     return (
         "python3", RUNNER_PATH,
@@ -67,7 +68,7 @@ def runner_command(settings: Settings) -> tuple[str, ...]:
         "--max-bytes", str(settings.max_unpacked_bytes),
         "--max-entries", str(settings.max_archive_entries),
         "--log-limit", str(settings.log_limit_bytes),
-    )
+    ) + env_args
 
 
 def container_environment(settings: Settings) -> dict[str, str]:
@@ -83,15 +84,23 @@ def log_file_bytes(settings: Settings) -> int:
     return max(2 * settings.log_limit_bytes, MIN_LOG_FILE_BYTES)
 
 
-def job_container_spec(settings: Settings, job_id: str, installation_id: str) -> ContainerSpec:
-    """The hardened container spec for one job."""
+def job_container_spec(settings: Settings, job_id: str, installation_id: str,
+                       env: EnvPlan = NO_CACHE, requirements_sha256: str = "") -> ContainerSpec:
+    """The hardened container spec for one job.
+
+    With a cached environment (see envcache.py) its volume is mounted at ENV_DIR: writable
+    for the job that builds it, read-only for the jobs that use it.
+    """
     mounts: tuple[Mount, ...] = ()
     if settings.ca_bundle:
         mounts = (Mount(source=settings.ca_bundle, target=CA_BUNDLE_PATH, read_only=True),)
+    if env.entry is not None and env.mode is not EnvMode.NONE:
+        mounts += (Mount(source=env.entry.volume, target=ENV_DIR,
+                         read_only=env.mode is EnvMode.USE, volume=True),)
     return ContainerSpec(
         image=settings.runner_image,
         name=container_name(settings, job_id),
-        command=runner_command(settings),
+        command=runner_command(settings, runner_args(env, requirements_sha256)),
         labels={LABEL_JOB_ID: job_id, **controller_labels(settings, installation_id)},
         environment=container_environment(settings),
         working_dir=RUNNER_DIR,

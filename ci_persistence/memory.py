@@ -15,11 +15,11 @@ from datetime import datetime
 
 from ci_common.errors import AlreadyExists, NotFound
 from ci_common.models import (
+    ApiKey,
+    ControllerLease,
     EnvEntry,
     EnvKey,
     EnvState,
-    ApiKey,
-    ControllerLease,
     EventKind,
     Fence,
     Job,
@@ -45,9 +45,9 @@ from ci_persistence.policy import (
     check_terminal,
     controller_lost_outcome,
     end_event_text,
+    env_lru_order,
     lease_lost,
 )
-from ci_persistence.policy import env_lru_order
 from ci_persistence.timefmt import as_utc
 
 
