@@ -161,10 +161,13 @@ def submit() -> None:
               help="Fail the job if it runs longer than this.")
 @click.option("--max-upload", metavar="SIZE",
               help="Refuse archives over this size (default: $CI_MAX_UPLOAD or 50MB).")
+@click.option("--no-cache", is_flag=True,
+              help="Install the requirements afresh instead of starting from the cached "
+                   "environment (the fresh one then replaces it).")
 @connection_options
 @click.pass_context
 def submit_test(ctx: click.Context, run_async: bool, timeout: float | None,
-                max_upload: str | None) -> None:
+                max_upload: str | None, no_cache: bool) -> None:
     """Pack the project in the current directory, run its tests, stream the output."""
     state = ctx.ensure_object(CLIState)
     config = state.config(max_upload)
@@ -173,7 +176,7 @@ def submit_test(ctx: click.Context, run_async: bool, timeout: float | None,
     _status(f"Packing project… {packing.describe_archive(packed)}")
     _status("Uploading…")
     with state.client(config) as client:
-        created = client.submit(packed.archive, timeout)
+        created = client.submit(packed.archive, timeout, no_cache=no_cache)
         if run_async:
             click.echo(f"Job submitted: {created.id}")
             return

@@ -126,9 +126,12 @@ class CIClient:
         self.close()
 
     # ----------------------------------------------------------------- requests
-    def submit(self, archive_bytes: bytes, timeout: float | None = None) -> JobCreated:
-        """Upload a packed project; the new job is queued."""
+    def submit(self, archive_bytes: bytes, timeout: float | None = None,
+               no_cache: bool = False) -> JobCreated:
+        """Upload a packed project; the new job is queued (`no_cache`: install afresh)."""
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
+        if no_cache:
+            data["no_cache"] = "true"
         files = {"archive": ("project.zip", archive_bytes, "application/zip")}
         response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
         from ci_common.wire import JobCreated

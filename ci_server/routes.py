@@ -97,7 +97,7 @@ async def submit_job(request: Request, user: CurrentUser, repository: Repository
     await run_in_threadpool(validate_archive, submission.archive,
                             ArchiveLimits.from_settings(settings))
     job = await run_in_threadpool(repository.create_job, user.id, submission.archive,
-                                  submission.timeout_seconds)
+                                  submission.timeout_seconds, submission.no_cache)
     return JobCreated(id=job.id, status=job.status)
 
 

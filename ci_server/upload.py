@@ -24,6 +24,7 @@ from ci_common.settings import Settings, format_size
 
 ARCHIVE_FIELD = "archive"
 TIMEOUT_FIELD = "timeout"
+NO_CACHE_FIELD = "no_cache"  # "true": install afresh, ignoring a cached environment
 # Room for the multipart boundaries, part headers and the timeout field around the archive.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FORM_FIELDS = 8
@@ -47,6 +48,9 @@ def submission_openapi(max_timeout_s: float) -> dict[str, Any]:
                                 "description": "seconds the job may run (default: the "
                                                "server's CI_JOB_TIMEOUT; at most its "
                                                f"{MAX_TIMEOUT_VARIABLE})"},
+                NO_CACHE_FIELD: {"type": "boolean", "default": False,
+                                 "description": "install the requirements afresh instead of "
+                                                "starting from a cached environment"},
             },
         }}},
     }
@@ -58,6 +62,7 @@ class Submission:
 
     archive: bytes
     timeout_seconds: float | None
+    no_cache: bool = False
 
 
 def too_large_message(size: int, limit: int) -> str:
@@ -135,6 +140,20 @@ async def parse_form(request: Request, max_body_bytes: int) -> FormData:
             raise InvalidInput(exc.message) from None
 
 
+def parse_flag(name: str, raw: object) -> bool:
+    """An optional boolean form field: `true`/`false` (also 1/0, yes/no); absent is false."""
+    if raw is None:
+        return False
+    if not isinstance(raw, str):
+        raise InvalidInput(f"'{name}' must be a form field, not a file")
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise InvalidInput(f"'{name}' must be true or false, not {raw.strip()[:40]!r}")
+
+
 async def read_submission(request: Request, settings: Settings) -> Submission:
     """Parse the multipart body, counting bytes as they arrive; raise TooLarge or InvalidInput."""
     max_upload_bytes = settings.max_upload_bytes
@@ -150,8 +169,9 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
         if timeout is not None and not isinstance(timeout, str):
             raise InvalidInput(f"'{TIMEOUT_FIELD}' must be a form field, not a file")
         timeout_seconds = parse_timeout(timeout, settings.max_job_timeout_s)
+        no_cache = parse_flag(NO_CACHE_FIELD, form.get(NO_CACHE_FIELD))
     finally:
         await form.close()
     if len(archive) > max_upload_bytes:
         raise TooLarge(too_large_message(len(archive), max_upload_bytes))
-    return Submission(archive=archive, timeout_seconds=timeout_seconds)
+    return Submission(archive=archive, timeout_seconds=timeout_seconds, no_cache=no_cache)
