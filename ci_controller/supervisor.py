@@ -365,6 +365,9 @@ class JobSupervisor:
             cancelled=self._cancelled,
             container_missing=state is None,
         )
+        # The environment first: once the user sees the result, a next job can start from it
+        # (and a controller stopped right after the result loses no finished build).
+        self._settle_env(follower.phases)
         self._finish(decide_outcome(facts))
         if not exit_watch.exited.wait(self._settings.cancel_grace_s):
             log.warning("job %s: the runner reported but its container did not exit; killing "
@@ -372,7 +375,6 @@ class JobSupervisor:
             with contextlib.suppress(CIError):
                 self._runtime.kill(container_id)
         self._remove_quietly(container_id)
-        self._settle_env(follower.phases)
 
     def _finish(self, outcome: JobOutcome) -> None:
         # The outcome is known only here (the container may be gone soon): while the database
