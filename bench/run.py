@@ -10,6 +10,9 @@
 3. How soon `ci` gets going: `ci --help`, `ci list` against the bench server, and `ci submit
    test` to its first request (targets ≤ 0.15 s; bench/client_start.py). `--client-start`
    measures only these (a server, no controller, no Docker).
+4. `--env-cache`: only the installed-environment cache's figures (bench/env_cache.py): a hit,
+   a miss and 4 hits at once against plain `docker run`s. (In 1., the repeated submits of one
+   project start from the cached environment, as users' repeated runs do.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench import client_start  # noqa: E402
+from bench import client_start, env_cache  # noqa: E402
 from tests.e2e.harness import Deployment, write_project  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "calculator"
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=100)
     parser.add_argument("--client-start", action="store_true",
                         help="only measure how soon `ci` gets going (no Docker needed)")
+    parser.add_argument("--env-cache", action="store_true",
+                        help="only measure the installed-environment cache (hit, miss, 4 at once)")
     args = parser.parse_args()
     if args.client_start:
         client_start_only(args.runs)
@@ -106,6 +111,9 @@ def main() -> None:
                                capture_output=True, text=True).stdout.strip()
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle)
+    if args.env_cache:
+        env_cache_only(dep, workdir, image, ca_bundle, args.runs)
+        return
     try:
         dep.start_controller()
         dep.start_server()
@@ -149,6 +157,20 @@ def measure_client_start(dep: Deployment, project: Path, key: str,
     server_url = str(dep.processes[-1].url)
     return (client_start.time_help(runs), client_start.time_list(server_url, key, runs),
             client_start.time_to_first_request(project, key, runs))
+
+
+def env_cache_only(dep: Deployment, workdir: Path, image: str, ca_bundle: str | None,
+                   runs: int) -> None:
+    try:
+        dep.start_controller()
+        dep.start_server()
+        key = dep.create_user("bench@example.com").api_key
+        figures = env_cache.measure(dep, key, workdir, runs,
+                                    lambda project: timed_docker_run(image, project, ca_bundle))
+    finally:
+        dep.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    env_cache.report(figures, runs)
 
 
 def client_start_only(runs: int) -> None:
