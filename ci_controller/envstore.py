@@ -17,7 +17,7 @@ import logging
 import threading
 from collections import Counter
 
-from ci_common.errors import CIError, RuntimeUnavailable
+from ci_common.errors import CIError, NotFound, RuntimeUnavailable
 from ci_common.models import EnvKey, EnvState, Job, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings, format_size
@@ -185,7 +185,8 @@ class EnvStore:
         entries = self._repository.list_envs(self._engine())
         in_use = self.in_use()
         retire = [entry for entry in entries if entry.state is EnvState.BUILDING
-                  and entry.job_id not in live_job_ids and entry.volume not in in_use]
+                  and entry.job_id not in live_job_ids and entry.volume not in in_use
+                  and self._job_is_over(entry.job_id)]
         retire += plan_eviction(entries, self._settings.env_cache_bytes, in_use)
         if retire:
             for entry in retire:
@@ -202,6 +203,14 @@ class EnvStore:
         for volume in volumes - known - in_use:
             log.info("removing leftover environment volume %s", volume)
             self._runtime.remove_volume(volume)
+
+    def _job_is_over(self, job_id: str) -> bool:
+        """Whether a build's job ended (or is unknown): another controller on this engine may
+        still be running it."""
+        try:
+            return self._repository.get_job(job_id).status.is_terminal
+        except NotFound:
+            return True
 
     def _labels(self, own_controller: bool = True) -> dict[str, str]:
         labels = {LABEL_ENV: "1", LABEL_INSTALLATION_ID: self._installation_id}

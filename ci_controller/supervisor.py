@@ -229,6 +229,7 @@ class JobSupervisor:
             for leftover in self._runtime.list(self._own_labels(job)):
                 self._runtime.remove(leftover.id)
             archive = self._repository.get_archive(job.id)
+            self._env_plan = NO_CACHE  # a fresh start: never settled as an adopted job
             if self._env_store is not None:
                 sha256 = requirements_sha256(archive)
                 self._env_sha256 = sha256 or ""

@@ -246,13 +246,19 @@ def test_upkeep_evicts_lru_keeps_volumes_in_use_and_clears_leftovers(
     assert holding.mode is EnvMode.USE
     runtime.create_volume("t_env_leftover", {"ci.env_cache": "1",
                                              "ci.installation_id": "inst"})
-    dead = store.prepare(new_job(repo), "9" * 64)  # a build whose job is gone
-    store.release(dead)
+    key = replace(holding.entry.key, requirements_sha256="9" * 64)  # type: ignore[union-attr]
+    repo.begin_env(key, "t_env_dead", "no-such-job", utcnow())  # a build whose job is gone
+    runtime.create_volume("t_env_dead", {"ci.env_cache": "1", "ci.installation_id": "inst"})
+    elsewhere = store.prepare(new_job(repo), "8" * 64)  # as if another controller's live build
+    store.release(elsewhere)
     store.maintain(live_job_ids=set())
     left = {e.volume: e.state for e in repo.list_envs()}
     assert plans[0].entry is not None and plans[2].entry is not None
-    assert left == {plans[0].entry.volume: EnvState.READY, plans[2].entry.volume: EnvState.READY}
+    assert elsewhere.entry is not None
+    assert left == {plans[0].entry.volume: EnvState.READY, plans[2].entry.volume: EnvState.READY,
+                    elsewhere.entry.volume: EnvState.BUILDING}
     assert set(runtime.volumes) == set(left)
+    repo.retire_envs([elsewhere.entry.id])
     repo.prune_envs()  # `ci-admin cache prune`: the volume in use stays until its job ends
     store.maintain(live_job_ids=set())
     assert set(runtime.volumes) == {e.volume for e in repo.list_envs()} == {
