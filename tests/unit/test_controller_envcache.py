@@ -315,3 +315,22 @@ def test_controller_builds_then_starts_from_the_cache(repo: InMemoryRepository,
     assert modes[1] == [replace(modes[0][0], last_used_at=modes[1][0].last_used_at)]
     assert controller.metrics.env_cache_hits._value.get() == 1
     assert controller.metrics.env_cache_misses._value.get() == 1
+
+
+def test_two_first_jobs_of_one_key_build_twice_harmlessly(repo: InMemoryRepository,
+                                                          runtime: FakeRuntime) -> None:
+    store = EnvStore(settings(), repo, runtime, "inst")
+    sha = requirements_sha256(project_zip())
+    jobs = [new_job(repo), new_job(repo)]
+    plans = [store.prepare(job, sha) for job in jobs]
+    assert [p.mode for p in plans] == [EnvMode.BUILD, EnvMode.BUILD]
+    assert plans[0].entry is not None and plans[1].entry is not None
+    assert plans[0].entry.volume != plans[1].entry.volume
+    for job, plan in zip(jobs, plans, strict=True):
+        store.settle(job, plan, built_phases(plan))
+    store.maintain(set())
+    [kept] = repo.list_envs()
+    assert kept.id == plans[1].entry.id and kept.state is EnvState.READY
+    assert set(runtime.volumes) == {kept.volume}
+    hit = store.prepare(new_job(repo), sha)
+    assert hit.mode is EnvMode.USE and hit.entry is not None and hit.entry.id == kept.id
