@@ -53,6 +53,11 @@ def settings(**overrides: object) -> Settings:
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
+def exported(metrics: ControllerMetrics, name: str) -> float | None:
+    """A sample as Prometheus scrapes it."""
+    return metrics.registry.get_sample_value(name)
+
+
 def entry(volume: str, size: int, state: EnvState = EnvState.READY,
           used_s_ago: float = 0.0) -> EnvEntry:
     now = utcnow()
@@ -192,7 +197,8 @@ def test_a_successful_build_is_used_by_the_same_key_only(repo: InMemoryRepositor
     runtime.images["img:test"] = "sha256:rebuilt"
     assert store.prepare(new_job(repo), sha).mode is EnvMode.BUILD  # another image id
     assert store.prepare(new_job(repo, no_cache=True), sha).mode is EnvMode.BUILD
-    assert (metrics.env_cache_hits._value.get(), metrics.env_cache_misses._value.get()) == (1, 5)
+    assert (exported(metrics, "ci_env_cache_hits_total"),
+            exported(metrics, "ci_env_cache_misses_total")) == (1, 5)
 
 
 def test_failed_or_cut_short_builds_are_never_cached_and_their_volumes_go(
@@ -313,8 +319,8 @@ def test_controller_builds_then_starts_from_the_cache(repo: InMemoryRepository,
         modes.append(repo.list_envs())
     assert [e.state for e in modes[0]] == [EnvState.READY]
     assert modes[1] == [replace(modes[0][0], last_used_at=modes[1][0].last_used_at)]
-    assert controller.metrics.env_cache_hits._value.get() == 1
-    assert controller.metrics.env_cache_misses._value.get() == 1
+    assert exported(controller.metrics, "ci_env_cache_hits_total") == 1
+    assert exported(controller.metrics, "ci_env_cache_misses_total") == 1
 
 
 def test_two_first_jobs_of_one_key_build_twice_harmlessly(repo: InMemoryRepository,
