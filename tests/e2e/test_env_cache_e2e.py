@@ -4,11 +4,13 @@ Few and short on purpose (each install reaches PyPI): jobs that do not depend on
 side by side. The rules checked: a second job of one key starts without pip; another user,
 another requirements.txt, another image or `--no-cache` installs afresh; a failed install is
 never cached; a volume removed behind the controller's back, or an environment left without
-its marker (half-written), is rebuilt and the job passes.
+its marker (half-written), is rebuilt and the job passes; beyond CI_ENV_CACHE_SIZE the least
+recently used goes; `ci-admin cache prune` empties it.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -129,8 +131,8 @@ def test_cache_rules_end_to_end(deployment: Deployment, tmp_path: Path) -> None:
     assert code == 0 and MISS in out and "1 passed" in out, out
 
 
-def test_another_image_builds_its_own_environment(deployment: Deployment, tmp_path: Path,
-                                                  runner_image: str) -> None:
+def test_another_image_eviction_and_admin_prune(deployment: Deployment, tmp_path: Path,
+                                               runner_image: str) -> None:
     dep = deployment
     relabelled = f"ci-test-env-cache:{dep.run_id}"
     subprocess.run(["docker", "build", "-q", "-t", relabelled, "-"], check=True,
@@ -143,13 +145,27 @@ def test_another_image_builds_its_own_environment(deployment: Deployment, tmp_pa
         project = write_project(tmp_path / "p", {"test_ok.py": USES_INICONFIG}, REQUIREMENTS)
         [(code, out)] = finish(submit(dep, project, user.api_key))
         assert code == 0 and MISS in out, out
-        _restart_controller(dep, controller, CI_RUNNER_IMAGE=relabelled)
+        [first] = entries(dep)
+        # Another image, and a budget that holds one environment of this size, not two.
+        _restart_controller(dep, controller, CI_RUNNER_IMAGE=relabelled,
+                            CI_ENV_CACHE_SIZE=str(first.size_bytes * 3 // 2))
         [(code, out)] = finish(submit(dep, project, user.api_key))
         assert code == 0 and MISS in out, out  # another image id: not the first one's
         [(code, out)] = finish(submit(dep, project, user.api_key))
         assert code == 0 and HIT in out, out  # and a restart lost nothing
-        images = {e.key.image_id for e in entries(dep) if e.state is EnvState.READY}
-        assert len(images) == 2
+        # Over the budget: the least recently used (the first image's) is evicted.
+        wait_until(lambda: all(e.key.image_id != first.key.image_id for e in entries(dep)))
+        [second] = entries(dep)
+        assert second.state is EnvState.READY and second.key.image_id != first.key.image_id
+        wait_until(lambda: volume_names(dep.label()) == {second.volume})
+
+        listed = json.loads(dep.admin("cache", "list", "--json").stdout)
+        assert [(e["user_email"], e["state"], e["volume"]) for e in listed] == [
+            (user.email, "ready", second.volume)]
+        assert "Marked 1 cached environment for removal" in dep.admin("cache", "prune").stdout
+        wait_until(lambda: not entries(dep) and not volume_names(dep.label()))
+        [(code, out)] = finish(submit(dep, project, user.api_key))
+        assert code == 0 and MISS in out, out
     finally:
         subprocess.run(["docker", "image", "rm", "-f", relabelled], capture_output=True)
 
