@@ -43,6 +43,7 @@ import codecs
 import collections
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -458,6 +459,13 @@ def env_problem(env_dir: str, requirements_sha256: str) -> str | None:
         return f"it was built with Python {marker.get('python')}"
     if not os.access(os.path.join(env_dir, "bin", "python"), os.X_OK):
         return "its interpreter is missing"
+    # Without a subprocess (this runs on every hit): in the venv's own site-packages, or in
+    # the system's, which this interpreter sees as the venv does.
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    site = os.path.join(env_dir, "lib", version, "site-packages")
+    if not (os.path.isfile(os.path.join(site, "pytest", "__init__.py"))
+            or importlib.util.find_spec("pytest") is not None):
+        return "pytest is missing from it"
     return None
 
 

@@ -3,12 +3,15 @@ in-memory repository and the fake runtime, and a controller running jobs through
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -127,7 +130,8 @@ def test_container_spec_mounts_the_volume_writable_to_build_read_only_to_use() -
     assert "--env-mode" not in plain.command and not any(m.volume for m in plain.mounts)
 
 
-def test_runner_checks_the_marker_requirements_and_interpreter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_runner_checks_the_marker_requirements_and_interpreter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import platform
 
     env = tmp_path / "env"
@@ -140,7 +144,16 @@ def test_runner_checks_the_marker_requirements_and_interpreter(tmp_path) -> None
     python = env / "bin" / "python"
     python.write_text("#!/bin/sh\n")
     python.chmod(0o755)
+    assert env_problem(str(env), "abc") is None  # pytest: where this test runs from
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    site = env / "lib" / version / "site-packages" / "pytest"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert env_problem(str(env), "abc") is None
+    (site / "__init__.py").unlink()
+    assert env_problem(str(env), "abc") == "pytest is missing from it"
+    monkeypatch.undo()
     (env / ENV_MARKER).write_text(json.dumps({"requirements_sha256": "abc", "python": "2.7"}))
     assert env_problem(str(env), "abc") == "it was built with Python 2.7"
     assert tree_size(str(env)) == len("#!/bin/sh\n") + (env / ENV_MARKER).stat().st_size
