@@ -1,6 +1,6 @@
 """Speed of the main path against a fresh local deployment; prints numbers, asserts nothing.
 
-    .venv/bin/python bench/run.py [--runs 5] [--client-start]
+    .venv/bin/python bench/run.py [--runs 5] [--client-start [--history N]]
 
 1. submit → first test-output line at the client, and submit → exit, for examples/calculator;
    the same `pip install -r requirements.txt && python -m pytest -v` with a plain `docker run`,
@@ -8,8 +8,9 @@
 2. Line latency from the container's print to the client (p50, p95, max; targets ≤ 10 ms and
    ≤ 100 ms) for a test that prints a timestamp every 100 ms.
 3. How soon `ci` gets going: `ci --help`, `ci list` against the bench server, and `ci submit
-   test` to its first request (targets ≤ 0.15 s; bench/client_start.py). `--client-start`
-   measures only these (a server, no controller, no Docker).
+   test` to its first request, beside `python -c pass` (targets ≤ 0.15 s; see
+   bench/client_start.py). `--client-start` measures only these (a server, no controller, no
+   Docker); `--history N` first gives the bench user N finished jobs.
 4. `--env-cache`: only the installed-environment cache's figures (bench/env_cache.py): a hit,
    a miss and 4 hits at once against plain `docker run`s. (In 1., the repeated submits of one
    project start from the cached environment, as users' repeated runs do.)
@@ -98,11 +99,13 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=100)
     parser.add_argument("--client-start", action="store_true",
                         help="only measure how soon `ci` gets going (no Docker needed)")
+    parser.add_argument("--history", type=int, default=0,
+                        help="with --client-start: finished jobs the bench user has first")
     parser.add_argument("--env-cache", action="store_true",
                         help="only measure the installed-environment cache (hit, miss, 4 at once)")
     args = parser.parse_args()
     if args.client_start:
-        client_start_only(args.runs)
+        client_start_only(args.runs, args.history)
         return
 
     image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
@@ -148,15 +151,21 @@ def main() -> None:
     print(f"line latency over {len(latencies)} lines: p50 {percentile(latencies, 0.5):.1f} ms, "
           f"p95 {percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms   "
           f"(targets p50 ≤ 10 ms, max ≤ 100 ms)")
-    client_start.report(*starts, args.runs)
+    client_start.report(starts, args.runs, history=0)
 
 
 def measure_client_start(dep: Deployment, project: Path, key: str,
-                         runs: int) -> tuple[float, float, float]:
-    """`ci --help`, `ci list` and `ci submit test` → first request, in seconds (medians)."""
+                         runs: int) -> dict[str, client_start.Timing]:
+    """The baseline, `ci --help`, `ci list` and `ci submit test` → first request (medians)."""
     server_url = str(dep.processes[-1].url)
-    return (client_start.time_help(runs), client_start.time_list(server_url, key, runs),
-            client_start.time_to_first_request(project, key, runs))
+    client_start.compile_sources()
+    return {
+        "python -c pass (baseline)": client_start.time_baseline(runs),
+        "ci --help": client_start.time_help(runs),
+        "ci list (live server)": client_start.time_list(server_url, key, runs),
+        "ci submit test → upload's 1st byte": client_start.time_to_first_request(project, key,
+                                                                                runs),
+    }
 
 
 def env_cache_only(dep: Deployment, workdir: Path, image: str, ca_bundle: str | None,
@@ -173,19 +182,26 @@ def env_cache_only(dep: Deployment, workdir: Path, image: str, ca_bundle: str | 
     env_cache.report(figures, runs)
 
 
-def client_start_only(runs: int) -> None:
+def client_start_only(runs: int, history: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image="unused", ca_bundle=None)
     try:
         dep.start_server()
         key = dep.create_user("bench@example.com").api_key
+        if history:
+            repository = dep.open_repository()
+            try:
+                user = repository.get_user_by_email("bench@example.com")
+                client_start.add_history(repository, user.id, history)
+            finally:
+                repository.close()
         project = workdir / "calculator"
         shutil.copytree(EXAMPLE, project)
         starts = measure_client_start(dep, project, key, runs)
     finally:
         dep.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    client_start.report(*starts, runs)
+    client_start.report(starts, runs, history)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The HTTP client library behind the `ci` command.
 
-`CIClient` speaks the API in docs/DESIGN.md over httpx, returns models from `ci_common.wire` and
+`CIClient` speaks the API in docs/DESIGN.md over HTTP (plain requests through the transport seam
+of `ci_client.transport`, the event stream over httpx), returns the client's models of the
+answers (`ci_client.wire`, which a contract test holds to the server's `ci_common.wire`) and
 raises errors from `ci_common.errors`:
 
     401 → AuthenticationError (the server's detail: invalid, revoked, deactivated)
@@ -15,15 +17,25 @@ itself when the stream drops (see ReconnectPolicy) and never yields an event twi
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-import httpx
-from httpx_sse import connect_sse
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from urllib.parse import urlencode
 
 from ci_client.config import parse_server_urls
+from ci_client.transport import (
+    Answer,
+    ConnectFailed,
+    PlainTransport,
+    Transport,
+    TransportError,
+    choose_plain,
+    encode_multipart,
+)
+from ci_client.wire import JobCreated, JobList, JobView
 from ci_common.errors import (
     AuthenticationError,
     CIError,
@@ -35,22 +47,21 @@ from ci_common.errors import (
     ServerUnreachable,
     TooLarge,
 )
-from ci_common.models import JobStatus
+from ci_common.statuses import JobStatus
 
-# pydantic (the wire models, the events) is imported where an answer is parsed, not here:
-# `ci submit test` sends its upload before paying for it (issue #10). Plain imports in the
-# functions, not importlib's LazyLoader: this library may be used from several threads, and
-# Python 3.11's LazyLoader is not thread-safe.
+# httpx (and httpx_sse) is imported in the functions that need it, not here: plain http
+# requests do without it (issue #10; see ci_client.transport). Plain imports in functions, not
+# importlib's LazyLoader: this library may be used from several threads, and Python 3.11's
+# LazyLoader is not thread-safe.
 if TYPE_CHECKING:
-    from pydantic import BaseModel
+    import httpx
 
     from ci_client.events import JobStreamEvent
-    from ci_common.wire import JobCreated, JobList, JobView
 
 PAGE = 500  # the most jobs the server sends in one page
 
 Since = Literal["start", "now"]
-ModelT = TypeVar("ModelT", bound="BaseModel")
+T = TypeVar("T")
 
 # Longer than the server's SSE keep-alive interval (CI_SSE_KEEPALIVE, 15 s by default), so a
 # quiet but healthy stream never times out, while a dead one is noticed within a minute.
@@ -84,6 +95,18 @@ class _Position:
     seq: int
 
 
+class _HttpAnswer(Protocol):
+    """What error mapping reads of an answer (ours, or httpx's for the event stream)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def is_success(self) -> bool: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+
 class CIClient:
     """A client for one CI service reachable at one or more server URLs."""
 
@@ -98,7 +121,11 @@ class CIClient:
         reconnect: ReconnectPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """`transport`: an httpx transport for every request (tests); `environ`: where httpx
+        would look for proxies (None: os.environ), which decides whether plain requests may
+        skip httpx (see ci_client.transport.choose_plain)."""
         urls = parse_server_urls(server_urls) if isinstance(server_urls, str) else tuple(
             url.rstrip("/") for url in server_urls)
         if not urls:
@@ -108,16 +135,52 @@ class CIClient:
         self._current = 0  # index of the URL that answered last
         self._sleep = sleep
         self._clock = clock
-        timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
-        self._http = httpx.Client(
-            transport=transport,
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "ci-client"},
-        )
+        self._headers = {"Authorization": f"Bearer {api_key}", "User-Agent": "ci-client"}
+        self._transport = transport
+        self._read_timeout_s = read_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._plain: PlainTransport | None = None
+        if transport is None and choose_plain(urls, os.environ if environ is None else environ):
+            self._plain = PlainTransport(connect_timeout_s, read_timeout_s)
+        self._http: httpx.Client | None = None  # created on first use: the import is costly
+        self._http_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pools."""
+        if self._plain is not None:
+            self._plain.close()
+        if self._http is not None:
+            self._http.close()
+
+    def _httpx(self) -> httpx.Client:
+        """The httpx client (created once): the event stream, and requests PlainTransport
+        cannot send; its SSL context is made here, so only when httpx is needed."""
+        with self._http_lock:
+            if self._http is None:
+                import httpx
+
+                verify: Any = True  # httpx's default: certifi's CA bundle, loaded here
+                if self._plain is not None:
+                    import ssl
+
+                    # Plain http and no proxy: this client never speaks TLS. A context that
+                    # trusts no CA costs nothing to make (the default loads a CA bundle, tens
+                    # of ms) and would refuse any TLS peer rather than accept one.
+                    verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                self._http = httpx.Client(
+                    transport=self._transport,
+                    timeout=httpx.Timeout(self._read_timeout_s, connect=self._connect_timeout_s),
+                    headers=self._headers,
+                    verify=verify,
+                )
+            return self._http
+
+    def _sender(self) -> Transport:
+        if self._plain is not None:
+            return self._plain
+        from ci_client.httpx_transport import HttpxTransport
+
+        return HttpxTransport(self._httpx())
 
     def __enter__(self) -> CIClient:
         return self
@@ -126,17 +189,24 @@ class CIClient:
         self.close()
 
     # ----------------------------------------------------------------- requests
-    def submit(self, archive_bytes: bytes, timeout: float | None = None,
+    def submit(self, archive_bytes: bytes, timeout: float | None = None, *,
+               pytest_args: Sequence[str] = (), python: str | None = None,
                no_cache: bool = False) -> JobCreated:
         """Upload a packed project; the new job is queued (`no_cache`: install afresh)."""
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
         if no_cache:
             data["no_cache"] = "true"
-        files = {"archive": ("project.zip", archive_bytes, "application/zip")}
-        response = self._request("POST", "/jobs", idempotent=False, files=files, data=data)
-        from ci_common.wire import JobCreated
+        if pytest_args:
+            from ci_common.pytest_args import pytest_args_to_json
 
-        return _parse(JobCreated, response)
+            data["pytest_args"] = pytest_args_to_json(pytest_args)
+        if python is not None:
+            data["python"] = python
+        body, content_type = encode_multipart(
+            data, {"archive": ("project.zip", archive_bytes, "application/zip")})
+        response = self._request("POST", "/jobs", idempotent=False, body=body,
+                                 content_type=content_type)
+        return _parse(JobCreated.from_json, "JobCreated", response)
 
     def list_jobs(self, limit: int = 50, offset: int = 0,
                   status: JobStatus | None = None) -> JobList:
@@ -144,14 +214,10 @@ class CIClient:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status is not None:
             params["status"] = status.value
-        from ci_common.wire import JobList
-
-        return _parse(JobList, self._request("GET", "/jobs", params=params))
+        return _parse(JobList.from_json, "JobList", self._request("GET", "/jobs", params=params))
 
     def newest_jobs(self, count: int, status: JobStatus | None = None) -> JobList:
         """The caller's newest `count` jobs, fetched a server page (500) at a time."""
-        from ci_common.wire import JobList
-
         jobs: list[JobView] = []
         page = self.list_jobs(limit=min(count, PAGE), status=status)
         jobs.extend(page.jobs)
@@ -163,17 +229,14 @@ class CIClient:
 
     def get_job(self, job_id: str) -> JobView:
         """One job; NotFound when it is missing or someone else's."""
-        from ci_common.wire import JobView
-
-        return _parse(JobView, self._request("GET", f"/jobs/{job_id}", job_id=job_id))
+        response = self._request("GET", f"/jobs/{job_id}", job_id=job_id)
+        return _parse(JobView.from_json, "JobView", response)
 
     def cancel(self, job_id: str) -> JobView:
         """Ask for a job to be cancelled; returns the job as it is right after the request."""
         # Cancelling twice is harmless, so a request that may have been lost can be repeated.
         response = self._request("POST", f"/jobs/{job_id}/cancel", job_id=job_id)
-        from ci_common.wire import JobView
-
-        return _parse(JobView, response)
+        return _parse(JobView.from_json, "JobView", response)
 
     def get_log(self, job_id: str, tail: int | None = None) -> str:
         """The job's output stored so far, as text (the last `tail` lines with tail)."""
@@ -181,26 +244,38 @@ class CIClient:
         response = self._request("GET", f"/jobs/{job_id}/log", job_id=job_id, params=params)
         return response.text
 
+    def get_junit(self, job_id: str) -> bytes:
+        """The job's JUnit XML; NotFound saying why when it has none (or is not the caller's)."""
+        # No job_id: the server's 404 detail says why there is no report (it says "job … not
+        # found" itself for a missing or foreign job).
+        return self._request("GET", f"/jobs/{job_id}/junit").content
+
     def _request(
         self, method: str, path: str, *, idempotent: bool = True, job_id: str | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
+        params: Mapping[str, Any] | None = None, body: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Answer:
         """Send to the servers in turn until one answers; map error answers to CIError."""
         count = len(self.server_urls)
-        last_response: httpx.Response | None = None
+        last_response: Answer | None = None
+        target = path + (f"?{urlencode(params)}" if params else "")
+        headers = dict(self._headers)
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        sender = self._sender()
         for attempt in range(count):
             index = (self._current + attempt) % count
             base = self.server_urls[index]
             try:
-                response = self._http.request(method, base + path, **kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+                response = sender.send(method, base + target, headers, body)
+            except ConnectFailed:
                 continue  # nothing reached the server: always safe to try the next one
-            except httpx.TransportError as exc:
+            except TransportError as exc:
                 if idempotent:
                     continue
                 # The server may have acted on it (a job created); repeating could do it twice.
                 raise ServerUnreachable(
-                    f"lost the connection to the CI server at {base} ({_describe(exc)}); "
+                    f"lost the connection to the CI server at {base} ({exc.description}); "
                     "the request may or may not have been carried out (check `ci list`)"
                 ) from exc
             if idempotent and response.status_code in _RETRYABLE_STATUS and attempt + 1 < count:
@@ -224,7 +299,10 @@ class CIClient:
         the server URLs, and gives up with ServerUnreachable after `give_up_after_s` without a
         new event. Authentication errors and NotFound are raised at once.
         """
-        from ci_client.events import EndEvent
+        import httpx
+
+        from ci_client.events import EndEvent, QueueEvent
+        from ci_client.httpx_transport import describe
 
         policy = self.reconnect
         last_seq: int | None = None
@@ -242,6 +320,9 @@ class CIClient:
                         if opened_after is None:
                             opened_after = event.seq
                         continue
+                    if isinstance(event, QueueEvent):
+                        yield event  # no seq: nothing to resume from or deduplicate
+                        continue
                     if last_seq is not None and event.seq <= last_seq:
                         continue  # replayed after a reconnect: already shown
                     last_seq = event.seq
@@ -255,7 +336,7 @@ class CIClient:
             except _StreamDropped as exc:
                 failure = str(exc)
             except httpx.TransportError as exc:
-                failure = f"{_describe(exc)} from {base}"
+                failure = f"{describe(exc)} from {base}"
             if self._clock() + delay > give_up_at:
                 raise ServerUnreachable(
                     f"lost the event stream of job {job_id} ({failure}) and could not resume it "
@@ -269,11 +350,14 @@ class CIClient:
         self, base: str, job_id: str, since: Since, last_seq: int | None
     ) -> Iterator[JobStreamEvent | _Position]:
         """One connection's worth of events (possibly replaying some already seen)."""
+        from httpx_sse import connect_sse
+
         from ci_client.events import parse_event
 
         headers = {} if last_seq is None else {"Last-Event-ID": str(last_seq)}
         url = f"{base}/jobs/{job_id}/events"
-        with connect_sse(self._http, "GET", url, params={"since": since}, headers=headers) as src:
+        with connect_sse(self._httpx(), "GET", url, params={"since": since},
+                         headers=headers) as src:
             response = src.response
             if response.status_code >= 500:
                 response.read()
@@ -295,7 +379,7 @@ class CIClient:
                     yield _Position(int(sse.id))
 
 
-def raise_for_status(response: httpx.Response, job_id: str | None = None) -> None:
+def raise_for_status(response: _HttpAnswer, job_id: str | None = None) -> None:
     """Raise the CIError matching an error answer; do nothing for a success."""
     if response.is_success:
         return
@@ -320,7 +404,7 @@ def raise_for_status(response: httpx.Response, job_id: str | None = None) -> Non
     raise error
 
 
-def error_detail(response: httpx.Response) -> str:
+def error_detail(response: _HttpAnswer) -> str:
     """The one-line `detail` of an error answer (FastAPI validation lists joined), or ''."""
     try:
         body = response.json()
@@ -344,25 +428,14 @@ def unreachable_message(urls: Sequence[str]) -> str:
     return f"cannot reach the CI server at {', '.join(urls)} (is it running?)"
 
 
-def _parse(model: type[ModelT], response: httpx.Response) -> ModelT:
+def _parse(decode: Callable[[object], T], what: str, response: Answer) -> T:
     try:
-        return model.model_validate(response.json())
-    except ValueError as exc:  # pydantic's ValidationError is one
+        return decode(response.json())
+    except ValueError as exc:  # json.JSONDecodeError and the decoders' errors
         raise ServerError(
             f"unexpected answer from the CI server ({response.status_code} "
-            f"{response.request.method} {response.request.url.path}): not a {model.__name__}"
+            f"{response.method} {response.path}): not a {what} ({exc})"
         ) from exc
-
-
-def _describe(exc: httpx.TransportError) -> str:
-    """A short name for a transport failure: `read timeout`, `connection refused`, …"""
-    if isinstance(exc, httpx.TimeoutException):
-        return "read timeout" if isinstance(exc, httpx.ReadTimeout) else "timeout"
-    if isinstance(exc, httpx.ConnectError):
-        return "cannot connect"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "connection closed by the server"
-    return type(exc).__name__
 
 
 def _one_line(text: str) -> str:

@@ -19,9 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ci_client.packing import DEFAULT_MAX_UPLOAD_BYTES
 from ci_common.errors import AuthenticationError, InvalidInput
-from ci_common.settings import parse_size
+from ci_common.sizes import DEFAULT_MAX_UPLOAD_BYTES, parse_size
 
 DEFAULT_SERVER_URL = "http://localhost:8000"
 ENV_API_KEY = "CI_API_KEY"

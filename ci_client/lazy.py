@@ -5,7 +5,7 @@ second, more than the whole of `ci --help` should take (issue #10). The standard
 `importlib.util.LazyLoader` makes a module object whose first attribute access runs the import.
 For the single-threaded CLI only: Python 3.11's LazyLoader is not thread-safe, so library code
 (client.py) imports inside its functions instead.
-tests/unit/test_client_imports.py checks which modules `import ci_client.cli` loads.
+tests/unit/test_client_imports.py checks which modules each command loads.
 """
 
 from __future__ import annotations

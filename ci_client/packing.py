@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ci_common.errors import ProjectLayoutError, TooLarge
-from ci_common.settings import format_size
+from ci_common.sizes import DEFAULT_MAX_UPLOAD_BYTES, format_size
 
 if TYPE_CHECKING:
     import pathspec
 
-DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024**2  # the server's default CI_MAX_UPLOAD
 REQUIRED_LAYOUT = ("src/", "tests/", "requirements.txt")
 # Stored as directory entries too, so a project whose tests/ holds no file yet still unpacks to
 # the layout the server checks for.

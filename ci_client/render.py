@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import shlex
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
 
-from ci_common.models import JobStatus
-from ci_common.wire import EndData, JobView, ReportData
+from ci_client.wire import EndData, JobView, ReportData, dumps
+from ci_common.statuses import JobStatus
 
 # Column widths of the README's example table (`ci list`), the last column unpadded.
 COLUMNS = (("JOB ID", 39), ("STATUS", 13), ("START TIME", 23), ("END TIME", 23),
@@ -75,7 +75,7 @@ def report_lines(report: ReportData) -> list[str]:
 
 def jobs_json(jobs: Sequence[JobView]) -> str:
     """`ci list --json`: a list of job objects, times as ISO 8601 with their UTC offset."""
-    return json.dumps([job.model_dump(mode="json") for job in jobs], indent=2, ensure_ascii=False)
+    return dumps(list(jobs))
 
 
 def result_line(end: EndData) -> str:
@@ -127,6 +127,9 @@ def job_details(job: JobView, tz: tzinfo | None = None) -> str:
         ("Started", format_time(job.start_time, tz)),
         ("Ended", format_time(job.end_time, tz)),
         ("Duration", duration(job)),
+        ("Python", job.python_version or "the server's default"),
+        # pytest's arguments from `--`; a label no longer than the others keeps the column
+        ("Arguments", shlex.join(job.pytest_args) if job.pytest_args else "none"),
     ]
     if job.pruned_at is not None:
         fields.append(("Output", f"removed {format_time(job.pruned_at, tz)} (retention)"))

@@ -10,37 +10,16 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+# The vocabulary lives in its own light module (the `ci` client imports it without these
+# dataclasses, issue #10); re-exported here, where the rest of the code looks for it.
+from ci_common.statuses import EventKind as EventKind
+from ci_common.statuses import JobStatus as JobStatus
+from ci_common.statuses import OutputStream as OutputStream
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (the only clock the models use)."""
     return datetime.now(UTC)
-
-
-class JobStatus(enum.StrEnum):
-    """Lifecycle of a job: queued → running → one of the three terminal states."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"  # the tests ran; `success` says whether they passed
-    FAILED = "failed"  # the tests could not run (install failed, timeout, OOM, lost container…)
-    CANCELLED = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-class EventKind(enum.StrEnum):
-    """What a job event carries."""
-
-    STATUS = "status"  # text is the new JobStatus value (queued, running)
-    OUTPUT = "output"  # text is a chunk of the job's output (stdout or stderr)
-    END = "end"  # the terminal event: text is JobOutcome as JSON (see ci_common.wire)
-
-
-class OutputStream(enum.StrEnum):
-    STDOUT = "stdout"
-    STDERR = "stderr"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +75,8 @@ class Job:
     dropped_bytes: int  # bytes of output dropped by the log cap (the head is dropped)
     report: TestReport | None = None  # pytest's summary, once the tests ran
     pruned_at: datetime | None = None  # when retention removed its output and archive
+    pytest_args: tuple[str, ...] = ()  # given after `--` at submit; pytest gets them as argv
+    python_version: str | None = None  # chosen at submit (None: from before the choice)
     no_cache: bool = False  # `ci submit test --no-cache`: install afresh, ignore a cached env
 
 
@@ -149,6 +130,26 @@ class JobOutcome:
     success: bool
     reason: str | None
     report: TestReport | None = None  # when pytest ran and wrote its report
+    # pytest's JUnit XML as written (within the runner's bound); stored apart from the job row
+    # and served by GET /jobs/{id}/junit, never carried by the END event.
+    junit_xml: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingJob:
+    """A queued job no controller has claimed yet, as the claim order sees it."""
+
+    id: str
+    user_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """Everything the claim order depends on, read at one moment (see policy.jobs_ahead)."""
+
+    waiting: tuple[WaitingJob, ...]  # queued, unclaimed, not cancelled
+    busy: dict[str, int]  # user id → claimed-but-unfinished jobs (users with none left out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from ci_common.models import (
     JobStatus,
     OutputChunk,
     PruneResult,
+    QueueSnapshot,
     StoredKey,
     TakeOver,
     User,
@@ -97,11 +98,13 @@ class Repository(Protocol):
         """Record a successful use (last_used_at). Unknown ids are ignored."""
 
     # ----------------------------------------------------------------- jobs (server side)
-    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None,
+    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
                    no_cache: bool = False) -> Job:
         """Store the archive and a queued job, and append its first STATUS event (seq 1), at once.
 
         After it returns, any replica and any controller can read the job and its archive.
+        pytest_args and python_version are stored as given (the server checked them).
         """
 
     def get_job(self, job_id: str, user_id: str | None = None) -> Job:
@@ -131,14 +134,27 @@ class Repository(Protocol):
     def get_archive(self, job_id: str) -> bytes:
         """The uploaded zip. Raises NotFound (also once retention removed it)."""
 
+    def get_junit(self, job_id: str) -> str:
+        """pytest's JUnit XML, stored by finish_job from the outcome's junit_xml.
+
+        Raises NotFound when the job has none (the tests never ran, the report was over the
+        runner's bound, retention removed it, or the job is missing).
+        """
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        """The waiting jobs and the busy count of each user, read in one consistent moment.
+
+        policy.jobs_ahead on it gives the order claim_next_job would claim them in.
+        """
+
     def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
                    limit: int = 500) -> PruneResult:
         """Retention: remove the output events and archives of up to `limit` finished jobs
         that ended before `finished_before` and were not pruned yet, oldest first; atomic.
 
         The job rows stay (status, times, result, report, their STATUS and END events) and
-        get pruned_at. Callers loop until a pass prunes nothing. With dry_run nothing changes
-        and the result counts every such job (no limit).
+        get pruned_at; their JUnit XML goes with the output. Callers loop until a pass prunes
+        nothing. With dry_run nothing changes and the result counts every such job (no limit).
         """
 
     # ----------------------------------------------------------------- jobs (controller side)
@@ -190,6 +206,7 @@ class Repository(Protocol):
                    fence: Fence) -> Job:
         """Record the outcome and append the END event, atomically and once.
 
+        The outcome's junit_xml, when set, is stored in the same transaction (get_junit).
         A job that is already terminal is returned unchanged (first outcome wins).
         """
 

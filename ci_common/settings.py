@@ -7,7 +7,6 @@ Entry points call `Settings.from_env()` once and pass the object down; library c
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,27 +14,13 @@ from typing import Any
 
 from ci_common.dburl import redact_url
 from ci_common.errors import InvalidInput
+from ci_common.python_images import PythonImages, parse_python_images
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
-               "gb": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte size such as `50MB`, `512k` or `1048576` (units are powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise InvalidInput(f"not a size: {text!r} (use e.g. 50MB, 512k or a number of bytes)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-
-
-def format_size(num_bytes: int) -> str:
-    """Format a byte count for people: `50.0 MB`, `812 B`."""
-    value = float(num_bytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+# Sizes live in a light module of their own (the `ci` client parses them at start-up, issue
+# #10); re-exported here, where the server side looks for them.
+from ci_common.sizes import DEFAULT_MAX_UPLOAD_BYTES
+from ci_common.sizes import format_size as format_size
+from ci_common.sizes import parse_size as parse_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +35,10 @@ class Settings:
 
     # --- controller: which engine image, and how it runs jobs ---
     runner_image: str = field(default="python:3.12-slim", metadata={"env": "CI_RUNNER_IMAGE"})
+    # Python versions jobs may choose, VERSION=IMAGE,…; unset: runner_image alone (see
+    # ci_common.python_images). Servers check a job's version against it, controllers pick
+    # the image by it.
+    python_images_text: str | None = field(default=None, metadata={"env": "CI_PYTHON_IMAGES"})
     ca_bundle: str | None = field(default=None, metadata={"env": "CI_CA_BUNDLE"})
     container_prefix: str = field(default="ci_job_", metadata={"env": "CI_CONTAINER_PREFIX"})
     controller_id: str = field(default_factory=socket.gethostname,
@@ -73,7 +62,8 @@ class Settings:
     metrics_port: int | None = field(default=None, metadata={"env": "CI_METRICS_PORT"})
 
     # --- server: what it accepts ---
-    max_upload_bytes: int = field(default=50 * 1024**2, metadata={"env": "CI_MAX_UPLOAD"})
+    max_upload_bytes: int = field(default=DEFAULT_MAX_UPLOAD_BYTES,
+                                  metadata={"env": "CI_MAX_UPLOAD"})
     max_unpacked_bytes: int = field(default=500 * 1024**2, metadata={"env": "CI_MAX_UNPACKED"})
     max_archive_entries: int = field(default=10_000, metadata={"env": "CI_MAX_ENTRIES"})
     # The most a submission may ask for with `timeout` (CI_JOB_TIMEOUT, the default, is the
@@ -100,7 +90,13 @@ class Settings:
                 continue
             values[f.name] = _convert(f.name, f.type, raw, f.metadata["env"])
         settings = cls(**values)
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings.python_images()  # a malformed CI_PYTHON_IMAGES stops the service at start
+        return settings
+
+    def python_images(self) -> PythonImages:
+        """The Python versions jobs may ask for, with their images (the first is the default)."""
+        return parse_python_images(self.python_images_text, self.runner_image)
 
     def database_shown(self) -> str:
         """Where the database is, for messages: the URL without its password, or the file."""

@@ -5,6 +5,9 @@ Pydantic models for JSON bodies, and the shape of each Server-Sent Event:
     id: <per-job seq>          every event, so a client resumes with Last-Event-ID
     event: status | output | end
     data: StatusData | OutputData | EndData as JSON
+
+and, while the job waits, `event: queue` with QueueData: not a stored event, so it has no id
+(a reconnect neither skips nor repeats because of it); sent when the position changes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ci_common.models import Job, JobOutcome, JobStatus, OutputStream, SlowTest,
 SSE_EVENT_STATUS = "status"
 SSE_EVENT_OUTPUT = "output"
 SSE_EVENT_END = "end"
+SSE_EVENT_QUEUE = "queue"
 
 
 class SlowTestData(BaseModel):
@@ -68,13 +72,19 @@ class JobView(BaseModel):
     report: ReportData | None = None
     pruned_at: datetime | None = Field(
         default=None, description="when retention removed the job's output and archive")
+    pytest_args: list[str] = Field(default_factory=list,
+                                   description="arguments given to pytest (after `--`)")
+    python_version: str | None = Field(
+        default=None, description="the Python version it runs on (null: from before the "
+                                  "choice, the server's default)")
 
     @classmethod
     def from_job(cls, job: Job) -> JobView:
         return cls(id=job.id, status=job.status, success=job.success, exit_code=job.exit_code,
                    reason=job.reason, created_at=job.created_at, start_time=job.start_time,
                    end_time=job.end_time, report=ReportData.from_report(job.report),
-                   pruned_at=job.pruned_at)
+                   pruned_at=job.pruned_at, pytest_args=list(job.pytest_args),
+                   python_version=job.python_version)
 
 
 class JobList(BaseModel):
@@ -91,6 +101,20 @@ class JobCreated(BaseModel):
 
     id: str
     status: JobStatus = JobStatus.QUEUED
+
+
+class ServiceInfo(BaseModel):
+    """Answer to GET /info (no key needed): what a submission may choose."""
+
+    python_versions: list[str] = Field(description="versions `python` may name")
+    default_python: str = Field(description="the version a job runs on when it names none")
+
+
+class QueueData(BaseModel):
+    """Where a queued job stands (the `queue` event)."""
+
+    ahead: int | None = Field(description="waiting jobs that will be claimed before it; null "
+                                          "once a controller claimed it (starting)")
 
 
 class ErrorBody(BaseModel):

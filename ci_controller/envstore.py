@@ -91,9 +91,10 @@ class EnvStore:
         if not self.enabled or sha256 is None:
             return NO_CACHE
         try:
+            # The job's own image (its Python version picks it): its id pins the interpreter.
+            image = self._settings.python_images().image_for(job.python_version)
             key = EnvKey(user_id=job.user_id, engine_id=self._engine(),
-                         image_id=self._runtime.image_id(self._settings.runner_image),
-                         requirements_sha256=sha256)
+                         image_id=self._runtime.image_id(image), requirements_sha256=sha256)
             if not job.no_cache:
                 plan = self._hit(key)
                 if plan is not None:

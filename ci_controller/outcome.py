@@ -18,7 +18,14 @@ from pydantic import ValidationError
 
 from ci_common.models import JobOutcome, JobStatus, TestReport
 from ci_common.wire import ReportData
-from ci_controller.runner_entry import MAX_FAILING, MAX_TEST_ID, REPORT_PREFIX, SLOWEST
+from ci_controller.runner_entry import (
+    JUNIT_PREFIX,
+    MAX_FAILING,
+    MAX_JUNIT_KEPT,
+    MAX_TEST_ID,
+    REPORT_PREFIX,
+    SLOWEST,
+)
 
 REASON_INSTALL_FAILED = "dependency installation failed"
 REASON_TIMED_OUT = "timed out"
@@ -104,6 +111,21 @@ def report_from_phases(phases: Sequence[str]) -> TestReport | None:
     return None
 
 
+def junit_from_phases(phases: Sequence[str]) -> str | None:
+    """pytest's JUnit XML from the runner's `junit` frames, joined; None without any.
+
+    Like the report, it comes from inside the container: bounded here again (a forged
+    flood is not stored) and cleaned of NUL, which PostgreSQL's TEXT cannot hold.
+    """
+    pieces = [text[len(JUNIT_PREFIX):] for text in phases if text.startswith(JUNIT_PREFIX)]
+    if not pieces:
+        return None
+    xml = "".join(pieces)
+    if len(xml.encode("utf-8", "replace")) > MAX_JUNIT_KEPT:
+        return None
+    return xml.replace("\x00", "\ufffd")
+
+
 def decide_outcome(facts: RunFacts) -> JobOutcome:
     """The job's outcome: `completed` when pytest ran to the end, otherwise why not."""
     result = runner_result(facts.phases)
@@ -133,7 +155,8 @@ def decide_outcome(facts: RunFacts) -> JobOutcome:
         assert result.code is not None
         return JobOutcome(status=JobStatus.COMPLETED, exit_code=result.code,
                           success=result.code == 0, reason=None,
-                          report=report_from_phases(facts.phases))
+                          report=report_from_phases(facts.phases),
+                          junit_xml=junit_from_phases(facts.phases))
     if result.kind == "install":
         return _failed(REASON_INSTALL_FAILED, result.code)  # pip's code, not the runner's
     return _failed(REASON_INVALID_ARCHIVE_PREFIX + result.detail, facts.exit_code)

@@ -18,6 +18,10 @@ anyway, since it keeps only the last N bytes. A `skipped` frame (text: the byte 
 where it was. So a test printing a gigabyte costs seconds, not minutes, and never gets far
 ahead of the controller, whose engine log file rotates away what it has not read.
 
+Before its verdict, a run that wrote a JUnit XML report of at most MAX_JUNIT_KEPT bytes sends
+it in `junit <piece>` phase frames (JUNIT_PIECE characters each, in order), then the `report`
+summary frame. Phase frames are never dropped by the log limit.
+
 Phase frames say how the run went; the last one is one of:
 
     invalid archive: <reason>        exit 101
@@ -48,6 +52,7 @@ import json
 import os
 import platform
 import selectors
+import shlex
 import signal
 import stat
 import subprocess
@@ -88,6 +93,9 @@ ENV_BROKEN_PREFIX = "env broken "  # + the entry id + ": " + reason
 TESTS_STARTED = "tests started"
 ENV_MARKER = ".ci-env.json"  # written into the environment last: its presence means complete
 LOCAL_ENV_DIR = "/ci/local-env"  # where a job whose cached environment is broken installs
+JUNIT_PREFIX = "junit "  # a phase frame: JUNIT_PREFIX + the next piece of the XML report
+JUNIT_PIECE = 32 * 1024  # characters of XML per frame: a frame line stays well under 1 MB
+MAX_JUNIT_KEPT = 4 * 1024 * 1024  # bytes of XML sent to be stored; a larger report is not
 MAX_JUNIT_BYTES = 64 * 1024 * 1024  # a larger report is not read (the counts are then absent)
 MAX_FAILING = 50  # failing test ids reported
 SLOWEST = 5  # slowest tests reported
@@ -307,7 +315,7 @@ class Runner:
         shown = ["python" if word == sys.executable else word for word in command]
         if command[0].endswith("/bin/python"):  # an environment's interpreter
             shown[0] = "python"
-        self.emitter.emit(STDOUT, "$ " + " ".join(shown) + "\n")
+        self.emitter.emit(STDOUT, "$ " + shlex.join(shown) + "\n")
         # Its own session: SIGTERM and the final cleanup reach every process it started.
         child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -524,6 +532,18 @@ def prepare_env(args: argparse.Namespace, emitter: Emitter, runner: Runner,
             {"id": args.env_id, "python": python, "size": tree_size(env_dir)}))
     return os.path.join(env_dir, "bin", "python")
 
+def send_junit(path: str, emitter: Emitter) -> None:
+    """The XML report as `junit` phase frames, when there is one within MAX_JUNIT_KEPT."""
+    try:
+        if os.path.getsize(path) > MAX_JUNIT_KEPT:
+            return
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            xml = handle.read()
+    except OSError:
+        return
+    for start in range(0, len(xml), JUNIT_PIECE):
+        emitter.phase(JUNIT_PREFIX + xml[start:start + JUNIT_PIECE])
+
 
 def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     """Unpack, install, test; returns the exit code of the container."""
@@ -566,7 +586,11 @@ def run_tests(args: argparse.Namespace, emitter: Emitter, runner: Runner, python
     if python != sys.executable:  # the environment's scripts (console entry points) first
         env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
         env["VIRTUAL_ENV"] = os.path.dirname(os.path.dirname(python))
-    code = runner.run([python, "-m", "pytest", *PYTEST_ARGS], cwd=args.workdir, env=env)
+    # The user's arguments last, as separate argv entries (the server refused those that
+    # would defeat the report); PYTEST_ARGS come first so the user's may refine them.
+    code = runner.run([python, "-m", "pytest", *PYTEST_ARGS, *args.pytest_args],
+                      cwd=args.workdir, env=env)
+    send_junit(junit, emitter)
     summary = summarize_junit(junit, args.workdir)
     if summary is not None:
         emitter.phase(REPORT_PREFIX + json.dumps(summary, ensure_ascii=False))
@@ -582,6 +606,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-entries", type=int, required=True)
     parser.add_argument("--log-limit", type=int, default=0,
                         help="bytes of output the controller keeps (0: no limit, no dropping)")
+    parser.add_argument("--pytest-args", default="[]",
+                        help="JSON list of extra arguments for pytest (one argv entry: no "
+                             "shell, no splitting)")
     parser.add_argument("--env-mode", choices=("none", "build", "use"), default="none",
                         help="none: install into the system; build: into a new environment "
                              "at --env-dir; use: run with the one there if it is sound")
@@ -591,6 +618,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--env-note", default="", help="the line shown before installing/using")
     args = parser.parse_args(argv)
     args.workdir = os.path.abspath(args.workdir)
+    try:
+        extra = json.loads(args.pytest_args)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, list) or not all(isinstance(arg, str) for arg in extra):
+        parser.error("--pytest-args must be a JSON list of strings")
+    args.pytest_args = extra
     return args
 
 

@@ -1,4 +1,8 @@
-"""The container spec for a job: a pure function of the settings and the job id.
+"""The container spec for a job: a pure function of the settings and the job's id and options.
+
+The image is the one CI_PYTHON_IMAGES names for the job's Python version; the pytest
+arguments go to the runner as one JSON argv entry (no shell anywhere), which hands them to
+pytest as separate arguments.
 
 Hardening: not privileged, every capability dropped (pip and pytest run as root inside the
 container and need none of them: root owns every path they write), no privilege escalation,
@@ -8,8 +12,9 @@ except the CA bundle (read-only). The engine socket is never mounted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from ci_common.pytest_args import pytest_args_to_json
 from ci_common.settings import Settings
 from ci_controller.envcache import ENV_DIR, NO_CACHE, EnvMode, EnvPlan, runner_args
 from ci_controller.runtime import ContainerSpec, Mount
@@ -59,16 +64,20 @@ def controller_labels(settings: Settings, installation_id: str) -> dict[str, str
     return {LABEL_INSTALLATION_ID: installation_id, LABEL_CONTROLLER_ID: settings.controller_id}
 
 
-def runner_command(settings: Settings, env_args: tuple[str, ...] = ()) -> tuple[str, ...]:
+def runner_command(settings: Settings, pytest_args: Sequence[str] = (),
+                   env_args: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The container's command: the runner script with the archive and log limits."""
-    return (
+    command: tuple[str, ...] = (
         "python3", RUNNER_PATH,
         "--archive", ARCHIVE_PATH,
         "--workdir", WORK_DIR,
         "--max-bytes", str(settings.max_unpacked_bytes),
         "--max-entries", str(settings.max_archive_entries),
         "--log-limit", str(settings.log_limit_bytes),
-    ) + env_args
+    )
+    if pytest_args:
+        command += ("--pytest-args", pytest_args_to_json(pytest_args))
+    return command + env_args
 
 
 def container_environment(settings: Settings) -> dict[str, str]:
@@ -84,9 +93,14 @@ def log_file_bytes(settings: Settings) -> int:
     return max(2 * settings.log_limit_bytes, MIN_LOG_FILE_BYTES)
 
 
-def job_container_spec(settings: Settings, job_id: str, installation_id: str,
+def job_container_spec(settings: Settings, job_id: str, installation_id: str, *,
+                       pytest_args: Sequence[str] = (),
+                       python_version: str | None = None,
                        env: EnvPlan = NO_CACHE, requirements_sha256: str = "") -> ContainerSpec:
     """The hardened container spec for one job.
+
+    Raises InvalidInput when this controller has no image for the job's Python version (its
+    CI_PYTHON_IMAGES differs from the server's): the job fails as it could not start.
 
     With a cached environment (see envcache.py) its volume is mounted at ENV_DIR: writable
     for the job that builds it, read-only for the jobs that use it.
@@ -98,9 +112,9 @@ def job_container_spec(settings: Settings, job_id: str, installation_id: str,
         mounts += (Mount(source=env.entry.volume, target=ENV_DIR,
                          read_only=env.mode is EnvMode.USE, volume=True),)
     return ContainerSpec(
-        image=settings.runner_image,
+        image=settings.python_images().image_for(python_version),
         name=container_name(settings, job_id),
-        command=runner_command(settings, runner_args(env, requirements_sha256)),
+        command=runner_command(settings, pytest_args, runner_args(env, requirements_sha256)),
         labels={LABEL_JOB_ID: job_id, **controller_labels(settings, installation_id)},
         environment=container_environment(settings),
         working_dir=RUNNER_DIR,

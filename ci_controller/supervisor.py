@@ -278,7 +278,9 @@ class JobSupervisor:
     def _create(self, job: Job) -> str:
         """Create the job's container, replacing one a killed controller's late request made."""
         spec = job_container_spec(self._settings, job.id, self._installation_id,
-                                  self._env_plan or NO_CACHE, self._env_sha256)
+                                  pytest_args=job.pytest_args, python_version=job.python_version,
+                                  env=self._env_plan or NO_CACHE,
+                                  requirements_sha256=self._env_sha256)
         try:
             return self._runtime.create(spec)
         except RuntimeUnavailable:

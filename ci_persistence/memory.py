@@ -29,9 +29,11 @@ from ci_common.models import (
     OutputChunk,
     OutputStream,
     PruneResult,
+    QueueSnapshot,
     StoredKey,
     TakeOver,
     User,
+    WaitingJob,
     utcnow,
 )
 from ci_persistence.logcap import marker_text, plan_drop, utf8_len
@@ -83,6 +85,7 @@ class InMemoryRepository:
         self._jobs: dict[str, Job] = {}
         self._envs: dict[str, EnvEntry] = {}
         self._archives: dict[str, bytes] = {}
+        self._junit: dict[str, str] = {}
         self._next_seq: dict[str, int] = {}
         self._events: dict[int, _StoredEvent] = {}  # global id -> event
         self._event_ids: list[int] = []  # every id ever given, ascending (some since dropped)
@@ -197,7 +200,8 @@ class InMemoryRepository:
                 self._changed()
 
     # ----------------------------------------------------------------- jobs (server side)
-    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None,
+    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
                    no_cache: bool = False) -> Job:
         """Store the archive and a queued job with its first STATUS event."""
         with self._lock:
@@ -207,6 +211,7 @@ class InMemoryRepository:
                       success=None, reason=None, timeout_seconds=timeout_seconds,
                       archive_size=len(archive), controller_id=None, container_id=None,
                       cancel_requested=False, log_cursor=0, output_bytes=0, dropped_bytes=0,
+                      pytest_args=tuple(pytest_args), python_version=python_version,
                       no_cache=no_cache)
             self._jobs[job.id] = job
             self._archives[job.id] = bytes(archive)
@@ -266,6 +271,27 @@ class InMemoryRepository:
             except KeyError:
                 raise NotFound(f"archive of job {job_id} not found") from None
 
+    def get_junit(self, job_id: str) -> str:
+        """pytest's JUnit XML of the job. Raises NotFound when there is none."""
+        with self._lock:
+            xml = self._junit.get(job_id)
+        if xml is None:
+            raise NotFound(f"no JUnit report stored for job {job_id}")
+        return xml
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        """The waiting jobs and each user's busy count, at one moment."""
+        with self._lock:
+            busy: dict[str, int] = {}
+            waiting = []
+            for job in self._jobs.values():
+                if job.controller_id is not None and not job.status.is_terminal:
+                    busy[job.user_id] = busy.get(job.user_id, 0) + 1
+                elif (job.status is JobStatus.QUEUED and job.controller_id is None
+                      and not job.cancel_requested):
+                    waiting.append(WaitingJob(job.id, job.user_id, job.created_at))
+        return QueueSnapshot(waiting=tuple(waiting), busy=busy)
+
     def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
                    limit: int = 500) -> PruneResult:
         """Remove the output and archives of finished jobs that ended before the cutoff."""
@@ -282,6 +308,7 @@ class InMemoryRepository:
             now = utcnow()
             for job in due:
                 self._archives.pop(job.id, None)
+                self._junit.pop(job.id, None)
                 kept = []
                 for event_id in self._job_event_ids.get(job.id, []):
                     if self._events[event_id].event.kind is EventKind.OUTPUT:
@@ -411,6 +438,8 @@ class InMemoryRepository:
                       success=outcome.success, reason=outcome.reason, end_time=as_utc(end_time),
                       report=outcome.report)
         self._jobs[job.id] = job
+        if outcome.junit_xml is not None:
+            self._junit[job.id] = outcome.junit_xml
         self._append(job.id, EventKind.END, end_event_text(outcome), None)
         return job
 

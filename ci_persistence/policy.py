@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import heapq
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -14,7 +16,9 @@ from ci_common.models import (
     Job,
     JobOutcome,
     JobStatus,
+    QueueSnapshot,
     TakeOver,
+    WaitingJob,
 )
 from ci_common.wire import EndData
 
@@ -109,3 +113,40 @@ class TakeOverFates:
                         adopted=tuple(self.ids[Fate.ADOPTED]),
                         failed=tuple(self.ids[Fate.FAILED]),
                         cancelled=tuple(self.ids[Fate.CANCELLED]))
+
+
+def claim_key(job: WaitingJob, busy: int) -> tuple[int, datetime, str]:
+    """The claim order of every repository: fewest busy jobs of the user, oldest, then id."""
+    return (busy, job.created_at, job.id)
+
+
+def jobs_ahead(snapshot: QueueSnapshot, wanted: Collection[str] | None = None) -> dict[str, int]:
+    """How many waiting jobs will be claimed before each one, if nothing else changes.
+
+    Replays claim_next_job's choice: each claim takes the waiting job with the smallest
+    claim_key and makes its user one job busier. So a user's own jobs go in age order, and
+    a user who submits many waits between each for users with fewer busy jobs. Finished jobs
+    and new submissions change the answer; callers recompute when the database changed.
+    With `wanted`, stops once all of those are placed. O(n log users).
+    """
+    per_user: dict[str, list[WaitingJob]] = {}
+    for job in sorted(snapshot.waiting, key=lambda j: (j.created_at, j.id)):
+        per_user.setdefault(job.user_id, []).append(job)
+    busy = dict(snapshot.busy)
+    # One heap entry per user: the key of that user's oldest waiting job.
+    heap = [(claim_key(jobs[0], busy.get(user, 0)), user, 0) for user, jobs in per_user.items()]
+    heapq.heapify(heap)
+    remaining = None if wanted is None else set(wanted)
+    ahead: dict[str, int] = {}
+    while heap and (remaining is None or remaining):
+        _, user, index = heapq.heappop(heap)
+        job = per_user[user][index]
+        ahead[job.id] = len(ahead)
+        if remaining is not None:
+            remaining.discard(job.id)
+        busy[user] = busy.get(user, 0) + 1
+        if index + 1 < len(per_user[user]):
+            heapq.heappush(heap, (claim_key(per_user[user][index + 1], busy[user]), user,
+                                  index + 1))
+    return ahead if wanted is None else {job_id: n for job_id, n in ahead.items()
+                                         if job_id in wanted}

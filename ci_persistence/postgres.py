@@ -43,11 +43,14 @@ from ci_common.models import (
     OutputChunk,
     OutputStream,
     PruneResult,
+    QueueSnapshot,
     StoredKey,
     TakeOver,
     User,
+    WaitingJob,
     utcnow,
 )
+from ci_common.pytest_args import pytest_args_to_json
 from ci_persistence.logcap import marker_text, plan_drop, utf8_len
 from ci_persistence.pg_connection import DEFAULT_POOL_SIZE, Cursor, PostgresConnector
 from ci_persistence.pg_migrate import migrate
@@ -80,7 +83,7 @@ from ci_persistence.rows import (
     report_to_text,
     user_from_row,
 )
-from ci_persistence.timefmt import as_utc
+from ci_persistence.timefmt import as_utc, from_text
 
 _ACTIVE = "('queued', 'running')"  # claimed-or-running jobs are in one of these states
 _CAP_BATCH = 500  # oldest OUTPUT events read per step while planning a log-cap drop
@@ -104,6 +107,17 @@ WHERE w.status = 'queued' AND w.controller_id IS NULL AND NOT w.cancel_requested
 ORDER BY coalesce(busy.n, 0), w.created_at, w.id
 LIMIT 1
 FOR NO KEY UPDATE OF w SKIP LOCKED
+"""
+
+# What the claim order depends on (see policy.jobs_ahead), for queue positions: the waiting
+# jobs (id set), then each busy user's count (id NULL), as _CLAIM_SQL reads them.
+_QUEUE_SQL = f"""
+SELECT id, user_id, created_at, 0 AS n FROM jobs
+WHERE status = 'queued' AND controller_id IS NULL AND NOT cancel_requested
+UNION ALL
+SELECT NULL, user_id, NULL, count(*) FROM jobs
+WHERE controller_id IS NOT NULL AND status IN {_ACTIVE}
+GROUP BY user_id
 """
 
 _POLL_SQL = f"""
@@ -244,7 +258,8 @@ class PostgresRepository:
             "UPDATE api_keys SET last_used_at = %s WHERE id = %s", (as_utc(when), key_id)))
 
     # ----------------------------------------------------------------- jobs (server side)
-    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None,
+    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
                    no_cache: bool = False) -> Job:
         """Store the archive and a queued job with its first STATUS event, atomically."""
         job_id = str(uuid.uuid4())
@@ -254,8 +269,10 @@ class PostgresRepository:
             if cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
                 raise NotFound(f"user {user_id} not found")
             cur.execute("INSERT INTO jobs (id, user_id, status, created_at, timeout_seconds, "
-                        "archive_size, no_cache) VALUES (%s, %s, 'queued', %s, %s, %s, %s)",
-                        (job_id, user_id, utcnow(), timeout_seconds, len(archive), no_cache))
+                        "archive_size, pytest_args, python_version, no_cache) "
+                        "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s)",
+                        (job_id, user_id, utcnow(), timeout_seconds, len(archive),
+                         pytest_args_to_json(pytest_args), python_version, no_cache))
             cur.execute("INSERT INTO job_archives (job_id, data) VALUES (%s, %s)",
                         (job_id, bytes(archive)))
             _append_event(cur, job_id, EventKind.STATUS, JobStatus.QUEUED.value)
@@ -310,6 +327,21 @@ class PostgresRepository:
             raise NotFound(f"archive of job {job_id} not found")
         return bytes(rows[0]["data"])
 
+    def get_junit(self, job_id: str) -> str:
+        """pytest's JUnit XML of the job. Raises NotFound when there is none."""
+        rows = self._db.query("SELECT xml FROM job_junit WHERE job_id = %s", (job_id,))
+        if not rows:
+            raise NotFound(f"no JUnit report stored for job {job_id}")
+        return str(rows[0]["xml"])
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        """The waiting jobs and each user's busy count, in one statement's snapshot."""
+        rows = self._db.query(_QUEUE_SQL)
+        return QueueSnapshot(
+            waiting=tuple(WaitingJob(row["id"], row["user_id"], from_text(row["created_at"]))
+                          for row in rows if row["id"] is not None),
+            busy={row["user_id"]: int(row["n"]) for row in rows if row["id"] is None})
+
     def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
                    limit: int = 500) -> PruneResult:
         """Remove the output and archives of finished jobs that ended before the cutoff."""
@@ -333,6 +365,7 @@ class PostgresRepository:
             cur.execute("DELETE FROM job_events WHERE kind = 'output' AND job_id = ANY(%s)",
                         (ids,))
             cur.execute("DELETE FROM job_archives WHERE job_id = ANY(%s)", (ids,))
+            cur.execute("DELETE FROM job_junit WHERE job_id = ANY(%s)", (ids,))
             cur.execute("UPDATE jobs SET pruned_at = %s, output_bytes = 0, marker_seq = NULL "
                         "WHERE id = ANY(%s)", (utcnow(), ids))
             return PruneResult(jobs=len(ids), freed_bytes=sum(int(row["freed"]) for row in rows))
@@ -727,6 +760,10 @@ def _finish(cur: Cursor, job_id: str, outcome: JobOutcome, end_time: datetime) -
         "report = %s WHERE id = %s",
         (outcome.status.value, outcome.exit_code, outcome.success, outcome.reason,
          as_utc(end_time), report_to_text(outcome.report), job_id))
+    if outcome.junit_xml is not None:
+        cur.execute("INSERT INTO job_junit (job_id, xml) VALUES (%s, %s) "
+                    "ON CONFLICT (job_id) DO UPDATE SET xml = excluded.xml",
+                    (job_id, outcome.junit_xml))
     _append_event(cur, job_id, EventKind.END, end_event_text(outcome))
 
 

@@ -23,13 +23,14 @@ from ci_common.models import (
     TestReport,
     User,
 )
+from ci_common.pytest_args import pytest_args_from_json
 from ci_common.wire import ReportData
 from ci_persistence.timefmt import from_text, opt_from_text
 
 JOB_COLUMNS = (
     "id, user_id, status, created_at, start_time, end_time, exit_code, success, reason, "
     "timeout_seconds, archive_size, controller_id, container_id, cancel_requested, log_cursor, "
-    "output_bytes, dropped_bytes, report, pruned_at, no_cache"
+    "output_bytes, dropped_bytes, report, pruned_at, pytest_args, python_version, no_cache"
 )
 ENV_COLUMNS = (
     "id, user_id, engine_id, image_id, requirements_sha256, volume, state, job_id, "
@@ -106,6 +107,8 @@ def job_from_row(row: Row) -> Job:
         dropped_bytes=row["dropped_bytes"],
         report=report_from_text(row["report"]),
         pruned_at=opt_from_text(row["pruned_at"]),
+        pytest_args=pytest_args_from_json(row["pytest_args"]),
+        python_version=row["python_version"],
         no_cache=bool(row["no_cache"]),
     )
 

@@ -27,11 +27,14 @@ from ci_common.models import (
     OutputChunk,
     OutputStream,
     PruneResult,
+    QueueSnapshot,
     StoredKey,
     TakeOver,
     User,
+    WaitingJob,
     utcnow,
 )
+from ci_common.pytest_args import pytest_args_to_json
 from ci_persistence.connection import SqliteConnector, enable_wal, open_connection
 from ci_persistence.logcap import marker_text, plan_drop, utf8_len
 from ci_persistence.migrate import migrate
@@ -64,7 +67,7 @@ from ci_persistence.rows import (
     report_to_text,
     user_from_row,
 )
-from ci_persistence.timefmt import to_text
+from ci_persistence.timefmt import from_text, to_text
 
 _ACTIVE = "('queued', 'running')"  # claimed-or-running jobs are in one of these states
 _CAP_BATCH = 500  # oldest OUTPUT events read per step while planning a log-cap drop
@@ -89,6 +92,17 @@ AND id = (
 )
 AND status = 'queued' AND controller_id IS NULL
 RETURNING {JOB_COLUMNS}
+"""
+
+# What the claim order depends on (see policy.jobs_ahead), for queue positions: the waiting
+# jobs (id set), then each busy user's count (id NULL), as _CLAIM_SQL reads them.
+_QUEUE_SQL = f"""
+SELECT id, user_id, created_at, 0 AS n FROM jobs
+WHERE status = 'queued' AND controller_id IS NULL AND cancel_requested = 0
+UNION ALL
+SELECT NULL, user_id, NULL, count(*) FROM jobs INDEXED BY jobs_active
+WHERE controller_id IS NOT NULL AND status IN {_ACTIVE}
+GROUP BY user_id
 """
 
 
@@ -210,7 +224,8 @@ class SqliteRepository:
                          (to_text(when), key_id))
 
     # ----------------------------------------------------------------- jobs (server side)
-    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None,
+    def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
                    no_cache: bool = False) -> Job:
         """Store the archive and a queued job with its first STATUS event, atomically."""
         job_id = str(uuid.uuid4())
@@ -219,9 +234,10 @@ class SqliteRepository:
                 raise NotFound(f"user {user_id} not found")
             conn.execute(
                 "INSERT INTO jobs (id, user_id, status, created_at, timeout_seconds, "
-                "archive_size, no_cache) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                "archive_size, pytest_args, python_version, no_cache) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                 (job_id, user_id, to_text(utcnow()), timeout_seconds, len(archive),
-                 int(no_cache)))
+                 pytest_args_to_json(pytest_args), python_version, int(no_cache)))
             conn.execute("INSERT INTO job_archives (job_id, data) VALUES (?, ?)",
                          (job_id, sqlite3.Binary(archive)))
             _append_event(conn, job_id, EventKind.STATUS, JobStatus.QUEUED.value)
@@ -267,6 +283,21 @@ class SqliteRepository:
             raise NotFound(f"archive of job {job_id} not found")
         return bytes(rows[0][0])
 
+    def get_junit(self, job_id: str) -> str:
+        """pytest's JUnit XML of the job. Raises NotFound when there is none."""
+        rows = self._db.query("SELECT xml FROM job_junit WHERE job_id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"no JUnit report stored for job {job_id}")
+        return str(rows[0][0])
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        """The waiting jobs and each user's busy count, in one read transaction."""
+        rows = self._db.query(_QUEUE_SQL)  # one statement: one snapshot of both halves
+        return QueueSnapshot(
+            waiting=tuple(WaitingJob(row["id"], row["user_id"], from_text(row["created_at"]))
+                          for row in rows if row["id"] is not None),
+            busy={row["user_id"]: int(row["n"]) for row in rows if row["id"] is None})
+
     def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
                    limit: int = 500) -> PruneResult:
         """Remove the output and archives of finished jobs that ended before the cutoff."""
@@ -287,6 +318,7 @@ class SqliteRepository:
             conn.execute(f"DELETE FROM job_events WHERE kind = 'output' AND job_id IN ({marks})",
                          ids)
             conn.execute(f"DELETE FROM job_archives WHERE job_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM job_junit WHERE job_id IN ({marks})", ids)
             conn.execute(f"UPDATE jobs SET pruned_at = ?, output_bytes = 0, marker_seq = NULL "
                          f"WHERE id IN ({marks})", [to_text(utcnow()), *ids])
             return PruneResult(jobs=len(ids), freed_bytes=sum(int(row[1]) for row in rows))
@@ -641,6 +673,9 @@ def _finish(conn: sqlite3.Connection, job_id: str, outcome: JobOutcome, end_time
         "report = ? WHERE id = ?",
         (outcome.status.value, outcome.exit_code, int(outcome.success), outcome.reason,
          to_text(end_time), report_to_text(outcome.report), job_id))
+    if outcome.junit_xml is not None:
+        conn.execute("INSERT OR REPLACE INTO job_junit (job_id, xml) VALUES (?, ?)",
+                     (job_id, outcome.junit_xml))
     _append_event(conn, job_id, EventKind.END, end_event_text(outcome))
 
 

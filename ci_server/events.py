@@ -25,12 +25,14 @@ from ci_common.repository import MAX_STORED_INT, Repository
 from ci_common.wire import (
     SSE_EVENT_END,
     SSE_EVENT_OUTPUT,
+    SSE_EVENT_QUEUE,
     SSE_EVENT_STATUS,
     EndData,
     OutputData,
+    QueueData,
     StatusData,
 )
-from ci_server.relay import EventRelay, Subscription
+from ci_server.relay import EventRelay, QueuePosition, Subscription
 
 HISTORY_PAGE_EVENTS = 1000
 KEEPALIVE_COMMENT = "keep-alive"
@@ -91,6 +93,12 @@ def to_sse(event: JobEvent) -> ServerSentEvent:
     return ServerSentEvent(id=str(event.seq), event=name, raw_data=data.model_dump_json())
 
 
+def queue_sse(position: QueuePosition) -> ServerSentEvent:
+    """A queue position on the wire: no id, so Last-Event-ID stays on the stored events."""
+    return ServerSentEvent(event=SSE_EVENT_QUEUE,
+                           raw_data=QueueData(ahead=position.ahead).model_dump_json())
+
+
 async def stream_events(repository: Repository, relay: EventRelay, subscription: Subscription,
                         resume: ResumePoint, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
     """Yield the job's events from the resume point until (and including) its END event.
@@ -130,6 +138,9 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
         if live is None:
             yield ServerSentEvent(comment=KEEPALIVE_COMMENT)
             continue
+        if isinstance(live, QueuePosition):
+            yield queue_sse(live)
+            continue
         if live.seq <= sent:
             continue
         yield to_sse(live)
@@ -149,8 +160,9 @@ async def _history(repository: Repository, job_id: str, after_seq: int) -> Async
         after_seq = page[-1].seq
 
 
-async def _next_event(subscription: Subscription, timeout_s: float) -> JobEvent | None:
-    """The next queued event, or None after `timeout_s` of quiet (time for a keep-alive)."""
+async def _next_event(subscription: Subscription,
+                      timeout_s: float) -> JobEvent | QueuePosition | None:
+    """The next queued item, or None after `timeout_s` of quiet (time for a keep-alive)."""
     try:
         async with asyncio.timeout(timeout_s):
             return await subscription.queue.get()

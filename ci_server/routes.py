@@ -15,13 +15,15 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from ci_common.errors import NotFound
 from ci_common.models import Job, JobStatus
 from ci_common.repository import MAX_STORED_INT, Repository
-from ci_common.wire import ErrorBody, JobCreated, JobList, JobView
+from ci_common.wire import ErrorBody, JobCreated, JobList, JobView, ServiceInfo
 from ci_server.archive import ArchiveLimits, validate_archive
 from ci_server.auth import CurrentUser
 from ci_server.events import ResumePoint, Since, resume_point, stream_events
 from ci_server.joblog import last_lines, output_text, stored_events
+from ci_server.junit import missing_junit_reason
 from ci_server.relay import EventRelay, Subscription
 from ci_server.state import get_relay, get_repository, get_settings, get_state
 from ci_server.upload import read_submission
@@ -72,6 +74,13 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/info", response_model=ServiceInfo, tags=["service"],
+            summary="What a submission may choose: Python versions (no authentication)")
+def info(request: Request) -> ServiceInfo:
+    images = get_settings(request).python_images()
+    return ServiceInfo(python_versions=list(images.versions), default_python=images.default)
+
+
 # No key: Prometheus scrapes without one. Nothing in it is per user; keep it off public networks.
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
@@ -96,8 +105,11 @@ async def submit_job(request: Request, user: CurrentUser, repository: Repository
     submission = await read_submission(request, settings)
     await run_in_threadpool(validate_archive, submission.archive,
                             ArchiveLimits.from_settings(settings))
-    job = await run_in_threadpool(repository.create_job, user.id, submission.archive,
-                                  submission.timeout_seconds, submission.no_cache)
+    job = await run_in_threadpool(
+        lambda: repository.create_job(user.id, submission.archive, submission.timeout_seconds,
+                                      pytest_args=submission.pytest_args,
+                                      python_version=submission.python_version,
+                                      no_cache=submission.no_cache))
     return JobCreated(id=job.id, status=job.status)
 
 
@@ -142,6 +154,22 @@ def job_log(
 ) -> PlainTextResponse:
     text = output_text(stored_events(repository, job.id))
     return PlainTextResponse(text if tail is None else last_lines(text, tail))
+
+
+@router.get("/jobs/{job_id}/junit", tags=["jobs"],
+            summary="pytest's JUnit XML report of a finished job",
+            response_class=Response,
+            responses={200: {"content": {"application/xml": {}},
+                             "description": "the report as pytest wrote it"},
+                       **json_errors({**JOB_ERRORS,
+                                      404: error("no such job, another user's job, or a job "
+                                                 "without a report (the detail says why)")})})
+def job_junit(job: OwnedJob, repository: RepositoryDep) -> Response:
+    try:
+        xml = repository.get_junit(job.id)
+    except NotFound:
+        raise NotFound(missing_junit_reason(job)) from None
+    return Response(xml, media_type="application/xml")
 
 
 def resume(

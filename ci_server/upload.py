@@ -1,4 +1,5 @@
-"""Reading a job submission (multipart: `archive` file, optional `timeout`) within the size limit.
+"""Reading a job submission within the size limit (multipart: `archive` file, optional
+`timeout`, `pytest_args` (a JSON list of strings) and `python` fields).
 
 The limit is enforced twice: a declared Content-Length over it is refused before any byte is
 read, and the body is counted while it streams in, because the header may be absent or lie.
@@ -20,15 +21,19 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message, Receive
 
 from ci_common.errors import InvalidInput, TooLarge
+from ci_common.pytest_args import MAX_ARGS, check_pytest_args, pytest_args_from_json
 from ci_common.settings import Settings, format_size
 
 ARCHIVE_FIELD = "archive"
 TIMEOUT_FIELD = "timeout"
 NO_CACHE_FIELD = "no_cache"  # "true": install afresh, ignoring a cached environment
-# Room for the multipart boundaries, part headers and the timeout field around the archive.
+PYTEST_ARGS_FIELD = "pytest_args"
+PYTHON_FIELD = "python"
+# Room for the multipart boundaries, part headers and the small fields around the archive.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FORM_FIELDS = 8
-MAX_FIELD_BYTES = 1024
+# The pytest arguments' JSON is the largest field: 4,096 characters, escaped up to 6 bytes each.
+MAX_FIELD_BYTES = 32 * 1024
 MAX_TIMEOUT_VARIABLE = Settings.env_names()["max_job_timeout_s"]
 
 
@@ -48,6 +53,13 @@ def submission_openapi(max_timeout_s: float) -> dict[str, Any]:
                                 "description": "seconds the job may run (default: the "
                                                "server's CI_JOB_TIMEOUT; at most its "
                                                f"{MAX_TIMEOUT_VARIABLE})"},
+                PYTEST_ARGS_FIELD: {"type": "string",
+                                    "description": "JSON list of strings given to pytest as "
+                                                   f"arguments (at most {MAX_ARGS}; options "
+                                                   "that defeat the report are refused)"},
+                PYTHON_FIELD: {"type": "string",
+                               "description": "Python version to run on (GET /info lists "
+                                              "them; default: the server's first)"},
                 NO_CACHE_FIELD: {"type": "boolean", "default": False,
                                  "description": "install the requirements afresh instead of "
                                                 "starting from a cached environment"},
@@ -62,6 +74,8 @@ class Submission:
 
     archive: bytes
     timeout_seconds: float | None
+    pytest_args: tuple[str, ...] = ()
+    python_version: str | None = None  # resolved: the requested one or the default
     no_cache: bool = False
 
 
@@ -169,9 +183,20 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
         if timeout is not None and not isinstance(timeout, str):
             raise InvalidInput(f"'{TIMEOUT_FIELD}' must be a form field, not a file")
         timeout_seconds = parse_timeout(timeout, settings.max_job_timeout_s)
+        pytest_args = check_pytest_args(pytest_args_from_json(
+            _text_field(form.get(PYTEST_ARGS_FIELD), PYTEST_ARGS_FIELD)))
+        python_version = settings.python_images().resolve(
+            _text_field(form.get(PYTHON_FIELD), PYTHON_FIELD))
         no_cache = parse_flag(NO_CACHE_FIELD, form.get(NO_CACHE_FIELD))
     finally:
         await form.close()
     if len(archive) > max_upload_bytes:
         raise TooLarge(too_large_message(len(archive), max_upload_bytes))
-    return Submission(archive=archive, timeout_seconds=timeout_seconds, no_cache=no_cache)
+    return Submission(archive=archive, timeout_seconds=timeout_seconds,
+                      pytest_args=pytest_args, python_version=python_version, no_cache=no_cache)
+
+
+def _text_field(value: object, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a form field, not a file")
+    return value

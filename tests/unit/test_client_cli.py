@@ -189,7 +189,13 @@ def test_submit_streams_output_to_stdout_and_status_to_stderr(service: Service,
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "".join(chunks)  # byte for byte, colour codes included
     job = service.repo.list_jobs(service.user_id)[0]
-    assert result.stderr.splitlines() == [
+    lines = result.stderr.splitlines()
+    # Where it stands while it waits, if the relay placed it before the fake controller
+    # claimed it (timing): only between the queued and the running status.
+    queued = [i for i, line in enumerate(lines) if line.startswith("Queued: ")]
+    assert all(lines.index("Status: queued") < i < lines.index("Status: running")
+               for i in queued)
+    assert [line for line in lines if not line.startswith("Queued: ")] == [
         result.stderr.splitlines()[0],
         "Uploading…",
         f"Job submitted: {job.id}",
@@ -385,7 +391,8 @@ def test_list_json_and_limit(service: Service) -> None:
     payload = json.loads(result.stdout)
     assert [job["id"] for job in payload] == ids[::-1][:2]
     assert set(payload[0]) == {"id", "status", "success", "exit_code", "reason", "created_at",
-                               "start_time", "end_time", "report", "pruned_at"}
+                               "start_time", "end_time", "report", "pruned_at", "pytest_args",
+                               "python_version"}
     assert payload[0]["success"] is True and payload[0]["exit_code"] == 0
     assert result.stderr == ""
     table = service.run("list", "--limit", "2")
@@ -576,3 +583,86 @@ def test_list_pages_through_more_than_one_server_page(service: Service) -> None:
         ("500", "0"), ("500", "500"), ("100", "1000")]
     everything = service.run("list", "--limit", "5000")
     assert everything.exit_code == 0 and len(everything.stdout.splitlines()) == 2 + 1203
+
+
+# ---------------------------------------------------------------------- job options (#11)
+XML = '<?xml version="1.0"?><testsuites><testsuite tests="1"/></testsuites>'
+
+
+def test_submit_passes_pytest_args_and_python_and_writes_the_junit_xml(
+        service: Service, project: Path) -> None:
+    target = project / "out.xml"
+    thread = service.controller(["ok\n"], JobOutcome(JobStatus.COMPLETED, 0, True, None,
+                                                     junit_xml=XML))
+    result = service.run("submit", "test", "--python", "3.12", "--junit-xml", str(target),
+                         "--", "-k", "slow and not db", "-x")
+    thread.join(10)
+    assert result.exit_code == 0, result.stderr
+    job = service.repo.list_jobs(service.user_id)[0]
+    assert job.pytest_args == ("-k", "slow and not db", "-x") and job.python_version == "3.12"
+    assert target.read_text() == XML
+    assert result.stderr.splitlines()[-1] == f"JUnit XML written to {target}"
+    shown = service.run("show", job.id).stdout
+    assert "Python:    3.12" in shown and "Arguments: -k 'slow and not db' -x" in shown
+
+
+def test_no_report_is_one_line_and_the_exit_code_stays_the_jobs(service: Service,
+                                                                project: Path) -> None:
+    target = project / "none.xml"
+    thread = service.controller([], INSTALL_FAILED)
+    result = service.run("submit", "test", "--junit-xml", str(target))
+    thread.join(10)
+    assert result.exit_code == 1 and not target.exists()
+    job_id = service.repo.list_jobs(service.user_id)[0].id
+    assert result.stderr.splitlines()[-1] == (
+        f"No JUnit XML written to {target}: job {job_id} has no JUnit report: the tests never "
+        "ran (dependency installation failed)")
+    passed = service.job(chunks=[], outcome=PASSED)  # passed, but no XML stored
+    waited = service.run("wait", passed, "--junit-xml", str(target))
+    assert waited.exit_code == 0 and "has no JUnit report" in waited.stderr
+
+
+def test_refused_pytest_args_and_python_versions_are_one_line_before_upload(
+        service: Service, project: Path) -> None:
+    result = service.run("submit", "test", "--", "--junit-xml=x.xml")
+    assert result.exit_code == 2 and "Uploading" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "Error: pytest argument '--junit-xml=x.xml' is not allowed: --junit-xml would defeat "
+        "the runner's test report or the job's layout"]
+    result = service.run("submit", "test", "--python", "3.99")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Python '3.99' is not available; choose one of 3.12 (default 3.12)")
+    assert service.repo.list_jobs(service.user_id) == []
+    bad_target = service.run("submit", "test", "--junit-xml", str(project / "no" / "x.xml"))
+    assert bad_target.exit_code == 2 and "does not exist" in bad_target.stderr
+
+
+def test_wait_shows_the_queue_position_as_it_changes(service: Service) -> None:
+    for _ in range(2):
+        service.job()
+        time.sleep(0.002)
+    job_id = service.job()  # the user's third: their first two are claimed before it
+
+    def controller() -> None:
+        fence = hold_lease(service.repo, "fake-controller")
+        for _ in range(3):
+            time.sleep(0.5)
+            claimed = service.repo.claim_next_job(fence)
+            assert claimed is not None
+        assert claimed.id == job_id
+        time.sleep(0.5)  # claimed, its container not started yet
+        service.repo.mark_running(job_id, "c", utcnow(), fence=fence)
+        service.repo.finish_job(job_id, PASSED, utcnow(), fence=fence)
+
+    thread = threading.Thread(target=controller, daemon=True)
+    thread.start()
+    result = service.run("wait", job_id)
+    thread.join(10)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    queued = [line for line in lines if line.startswith("Queued:")]
+    # One line each change: stderr is not a terminal here.
+    assert queued == ["Queued: 2 jobs ahead", "Queued: 1 job ahead", "Queued: next in line",
+                      "Queued: starting"], lines
+    assert lines.index("Queued: starting") < lines.index("Status: running")

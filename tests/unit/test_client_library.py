@@ -242,7 +242,7 @@ def test_a_non_event_stream_answer_is_an_error_not_a_retry() -> None:
 
 def test_read_timeout_is_longer_than_the_server_keepalive() -> None:
     client, _, _ = make_client([])
-    timeout = client._http.timeout
+    timeout = client._httpx().timeout  # the event stream's client
     assert timeout.read is not None and timeout.read >= 2 * Settings().sse_keepalive_s
 
 

@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 from ci_client import render
+from ci_client.wire import EndData, JobView, ReportData, SlowTestData
 from ci_common.models import JobStatus
-from ci_common.wire import EndData, JobView, ReportData, SlowTestData
 
 T0 = datetime(2025, 10, 12, 19, 30, 0, tzinfo=UTC)
 
@@ -69,7 +69,8 @@ def test_json_has_the_documented_fields_in_order() -> None:
     payload = json.loads(render.jobs_json([job("x", JobStatus.COMPLETED, success=True,
                                                 start=T0, end=T0, exit_code=0)]))
     assert list(payload[0]) == ["id", "status", "success", "exit_code", "reason", "created_at",
-                                "start_time", "end_time", "report", "pruned_at"]
+                                "start_time", "end_time", "report", "pruned_at",
+                                "pytest_args", "python_version"]
     assert payload[0]["status"] == "completed" and payload[0]["success"] is True
     assert datetime.fromisoformat(payload[0]["start_time"]) == T0
     assert json.loads(render.jobs_json([])) == []

@@ -119,7 +119,8 @@ def test_container_spec_mounts_the_volume_writable_to_build_read_only_to_use() -
     cfg = settings()
     built = entry("vol-1", MB)
     for mode, read_only in ((EnvMode.BUILD, False), (EnvMode.USE, True)):
-        spec = job_container_spec(cfg, "job", "inst", EnvPlan(mode, built, "note"), "abc")
+        spec = job_container_spec(cfg, "job", "inst", env=EnvPlan(mode, built, "note"),
+                                  requirements_sha256="abc")
         [mount] = [m for m in spec.mounts if m.target == ENV_DIR]
         assert (mount.source, mount.volume, mount.read_only) == ("vol-1", True, read_only)
         assert spec.command[-10:] == ("--env-mode", mode.value, "--env-dir", ENV_DIR,

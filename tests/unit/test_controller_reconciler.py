@@ -720,3 +720,33 @@ def test_the_controller_prunes_jobs_older_than_the_retention(
     controller.run_once()
     assert repo.get_job(old.id).pruned_at is not None
     assert repo.get_job(recent.id).pruned_at is None
+
+
+def test_the_jobs_python_and_arguments_choose_its_container_and_its_xml_is_stored(
+        repo: CountingRepository, runtime: FakeRuntime, controllers: list[Controller]) -> None:
+    user = repo.create_user("py", "py@example.com")
+    job = repo.create_job(user.id, ARCHIVE, None, pytest_args=["-k", "a b"],
+                          python_version="3.13")
+    held = threading.Event()
+    runtime.scripts[job.id] = FakeScript(steps=[held, *runner_frames(
+        ("phase", "tests started"), ("phase", "junit <testsuites>"),
+        ("phase", "junit </testsuites>"), ("phase", "tests exited 0"))])
+    controller = make_controller(repo, runtime, controllers,
+                                 python_images_text="3.11=img:311,3.13=img:313")
+    controller.run_once()
+    wait_until(lambda: runtime.by_job(job.id) is not None)
+    container = runtime.by_job(job.id)
+    assert container is not None and container.spec.image == "img:313"
+    assert container.spec.command[-2:] == ("--pytest-args", '["-k", "a b"]')
+    held.set()
+    done = finish(controller, repo, job.id)
+    assert done.status is JobStatus.COMPLETED, done.reason
+    assert repo.get_junit(job.id) == "<testsuites></testsuites>"
+    assert "testsuites" not in text_of(repo, job.id)  # phase frames, never output
+
+    elsewhere = repo.create_job(user.id, ARCHIVE, None, python_version="3.9")
+    controller.run_once()
+    failed = finish(controller, repo, elsewhere.id)
+    assert (failed.status, failed.reason) == (
+        JobStatus.FAILED, "could not start container: no runner image for Python 3.9 on this "
+                          "controller (its CI_PYTHON_IMAGES offers 3.11, 3.13)")

@@ -12,11 +12,13 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from ci_controller import runner_entry
 from ci_controller.framing import Frame, FrameParser
+from ci_controller.outcome import junit_from_phases
 
 RUNNER = Path(runner_entry.__file__)
 
@@ -42,12 +44,13 @@ def project(test_body: str, requirements: str = "") -> dict[str, bytes | str]:
 
 
 def run_runner(tmp_path: Path, archive: bytes, env: dict[str, str] | None = None,
-               max_bytes: int = 10_000_000, max_entries: int = 100) -> tuple[int, list[Frame]]:
+               max_bytes: int = 10_000_000, max_entries: int = 100,
+               extra: tuple[str, ...] = ()) -> tuple[int, list[Frame]]:
     (tmp_path / "source.zip").write_bytes(archive)
     result = subprocess.run(
         [sys.executable, str(RUNNER), "--archive", str(tmp_path / "source.zip"),
          "--workdir", str(tmp_path / "work"), "--max-bytes", str(max_bytes),
-         "--max-entries", str(max_entries)],
+         "--max-entries", str(max_entries), *extra],
         capture_output=True, timeout=120, env={**os.environ, **(env or {})})
     parser = FrameParser()
     frames = parser.feed(result.stdout) + parser.finish()
@@ -116,13 +119,54 @@ def test_passing_project(tmp_path: Path) -> None:
     code, frames = run_runner(tmp_path, make_zip(project(
         "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n")))
     assert code == 0
-    assert [p.split(" {")[0] for p in phases(frames)] == [
+    said = [p for p in phases(frames) if not p.startswith("junit ")]
+    assert [p.split(" {")[0] for p in said] == [
         "install started", "tests started", "report", "tests exited 0"]
-    report = json.loads(phases(frames)[2][len("report "):])
+    report = json.loads(said[2][len("report "):])
     assert (report["passed"], report["failed"], report["failing"]) == (1, 0, [])
     assert report["slowest"][0][0] == "tests/test_calc.py::test_add"
     assert "test_add PASSED" in output(frames)
     assert [f.number for f in frames] == list(range(1, len(frames) + 1))
+
+
+def test_pytest_arguments_are_separate_argv_entries_and_the_xml_comes_back(
+        tmp_path: Path) -> None:
+    tests = "".join(f"def test_{name}():\n    pass\n\n" for name in
+                    ("fast", "slow_a", "slow_b", "x_slow_quoted"))
+    args = ("-k", "slow and not quoted", "-q")  # one argument with spaces: not split
+    code, frames = run_runner(tmp_path, make_zip(project(tests)),
+                              extra=("--pytest-args", json.dumps(args)))
+    assert code == 0
+    assert "$ python -m pytest -v -p no:cacheprovider -k 'slow and not quoted' -q" in \
+        output(frames)
+    xml = junit_from_phases(phases(frames))
+    assert xml is not None
+    root = ElementTree.fromstring(xml)
+    ran = sorted(case.get("name") for case in root.iter("testcase"))
+    assert ran == ["test_slow_a", "test_slow_b"]
+
+
+def test_a_long_report_travels_in_pieces_and_a_too_long_one_not_at_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_entry, "JUNIT_PIECE", 100)
+    xml = "<testsuites>" + "é" * 1000 + "</testsuites>"
+    (tmp_path / "junit.xml").write_text(xml, encoding="utf-8")
+    read, write = os.pipe()
+    emitter = runner_entry.Emitter(write)
+    runner_entry.send_junit(str(tmp_path / "junit.xml"), emitter)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        frames = FrameParser().feed(pipe.read())
+    assert len(frames) == 11
+    assert junit_from_phases([f.text for f in frames]) == xml
+    assert junit_from_phases(["junit <a>", "junit </a>", "tests exited 0"]) == "<a></a>"
+    assert junit_from_phases(["report {}"]) is None
+    monkeypatch.setattr(runner_entry, "MAX_JUNIT_KEPT", 100)
+    read, write = os.pipe()
+    runner_entry.send_junit(str(tmp_path / "junit.xml"), runner_entry.Emitter(write))
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        assert pipe.read() == b""
 
 
 def test_failing_project_exits_with_pytest_code(tmp_path: Path) -> None:

@@ -871,6 +871,68 @@ def test_prune_goes_oldest_first_in_bounded_passes(repo: Repository, user: User)
     assert repo.prune_jobs(cutoff, limit=10).jobs == 3
 
 
+# --------------------------------------------------------------------------- job options (#11)
+def test_a_job_keeps_its_pytest_arguments_and_python_version(repo: Repository,
+                                                             user: User) -> None:
+    plain = repo.create_job(user.id, b"zip", None)
+    job = repo.create_job(user.id, b"zip", None, pytest_args=["-k", "slow and not é", "-x"],
+                          python_version="3.13")
+    assert (plain.pytest_args, plain.python_version) == ((), None)
+    for seen in (job, repo.get_job(job.id), repo.list_jobs(user.id)[0]):
+        assert seen.pytest_args == ("-k", "slow and not é", "-x")
+        assert seen.python_version == "3.13"
+
+
+def test_the_junit_xml_is_stored_with_the_outcome_and_pruned_with_the_output(
+        repo: Repository, user: User) -> None:
+    xml = '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="1"/></testsuites>'
+    with_report, without = running_job(repo, user), running_job(repo, user)
+    repo.finish_job(with_report.id, JobOutcome(status=JobStatus.COMPLETED, exit_code=0,
+                                               success=True, reason=None, junit_xml=xml),
+                    datetime.now(UTC), fence=owner_fence(repo, with_report.id))
+    repo.finish_job(without.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, without.id))
+    assert repo.get_junit(with_report.id) == xml
+    with pytest.raises(NotFound):
+        repo.get_junit(without.id)
+    with pytest.raises(NotFound):
+        repo.get_junit(str(uuid.uuid4()))
+    # The END event carries the outcome, never the XML.
+    assert "testsuites" not in repo.list_events(with_report.id)[-1].text
+    assert repo.prune_jobs(datetime.now(UTC) + timedelta(seconds=1)).jobs == 2
+    with pytest.raises(NotFound):
+        repo.get_junit(with_report.id)
+
+
+def test_jobs_ahead_of_the_queue_snapshot_is_the_order_claims_take(repo: Repository) -> None:
+    from ci_persistence.policy import jobs_ahead
+
+    ann, bob, cy = (repo.create_user(name, f"{name}@example.com") for name in ("ann", "bob", "cy"))
+    fence = hold_lease(repo, CTRL)
+    # ann has two jobs claimed, bob one: each claim then makes its user one job busier.
+    for owner in (ann, ann, bob):
+        repo.create_job(owner.id, b"zip", None)
+        assert repo.claim_next_job(fence) is not None
+    time.sleep(0.002)
+    for owner in (ann, bob, ann, cy, bob, ann, cy, ann):
+        repo.create_job(owner.id, b"zip", None)
+        time.sleep(0.002)
+    cancelled = repo.create_job(cy.id, b"zip", None)
+    repo.request_cancel(cancelled.id, cy.id)
+
+    snapshot = repo.queue_snapshot()
+    assert snapshot.busy == {ann.id: 2, bob.id: 1}
+    assert len(snapshot.waiting) == 8 and cancelled.id not in {j.id for j in snapshot.waiting}
+    ahead = jobs_ahead(snapshot)
+    predicted = sorted(ahead, key=ahead.__getitem__)
+    assert sorted(ahead.values()) == list(range(8))
+
+    claimed = []
+    while (job := repo.claim_next_job(fence)) is not None:
+        claimed.append(job.id)
+    assert claimed == predicted
+    assert jobs_ahead(repo.queue_snapshot()) == {}
+
+
 # --------------------------------------------------------------------------- environment cache
 def env_key(user: User, requirements: str = "a" * 64, image: str = "sha256:img",
             engine: str = "engine-1") -> EnvKey:

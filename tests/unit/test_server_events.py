@@ -257,6 +257,14 @@ def test_queued_job_streams_running_then_output(server: Server) -> None:
         outcome = JobOutcome(JobStatus.FAILED, None, False, "timed out")
         server.repo.finish_job(job_id, outcome, utcnow(), fence=owner_fence(server.repo, job_id))
         events = until_end(stream)
+    # Where it stands, if the relay placed it before the claim (timing; the queue event itself
+    # is tested in test_server_relay.py): no id, not a stored event, and before its output.
+    queue = [e for e in events if e.event == "queue"]
+    assert all(e.id is None for e in queue)
+    assert all(e.json in ({"ahead": 0}, {"ahead": None}) for e in queue)
+    if queue:
+        assert events.index(queue[-1]) < [e.event for e in events].index("output")
+    events = [e for e in events if e.event != "queue"]
     assert [e.event for e in events] == ["status", "status", "output", "end"]
     assert events[-1].json == {"status": "failed", "exit_code": None, "success": False,
                                "reason": "timed out", "report": None}

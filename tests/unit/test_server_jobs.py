@@ -267,7 +267,9 @@ def test_get_job(server: Server) -> None:
     assert body["success"] is False and body["exit_code"] == 1
     assert body["start_time"] is not None and body["end_time"] is not None
     assert set(body) == {"id", "status", "success", "exit_code", "reason", "created_at",
-                         "start_time", "end_time", "report", "pruned_at"}
+                         "start_time", "end_time", "report", "pruned_at", "pytest_args",
+                         "python_version"}
+    assert body["pytest_args"] == [] and body["python_version"] == "3.12"  # python:3.12-slim
 
 
 def test_missing_job_is_404(server: Server) -> None:

@@ -247,3 +247,43 @@ def test_stop_is_idempotent_and_ends_the_thread() -> None:
 
     assert run(main) is False
 
+
+
+def test_queue_positions_are_sent_when_they_change_and_reading_stops_once_started() -> None:
+    from ci_server.relay import QueuePosition
+    from tests.leases import hold_lease
+
+    repo = InMemoryRepository()
+    user = repo.create_user("q", "q@example.com")
+    first = repo.create_job(user.id, b"zip", None).id
+    watched = repo.create_job(user.id, b"zip", None).id
+    fence = hold_lease(repo, "controller-q")
+
+    async def main() -> tuple[list[int | None], int, int]:
+        relay = EventRelay(repo, POLL_S)
+        await relay.start()
+        try:
+            with relay.subscribe(watched) as sub:
+                seen = [await within(sub.queue.get())]  # where it stands on subscribing
+                repo.create_job(user.id, b"zip", None)  # a change, but not to its position
+                await asyncio.sleep(0.5)
+                assert sub.queue.empty()
+                repo.claim_next_job(fence)  # `first` goes: one fewer ahead
+                seen.append(await within(sub.queue.get()))
+                repo.claim_next_job(fence)  # its own claim: starting
+                seen.append(await within(sub.queue.get()))
+                reads = relay.queue_reads
+                repo.mark_running(watched, "c", utcnow(), fence=fence)
+                emit(repo, watched, "output\n")
+                await asyncio.sleep(0.5)  # changes, but nothing watched may still wait
+                events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+                assert not any(isinstance(e, QueuePosition) for e in events)
+                return ([p.ahead for p in seen if isinstance(p, QueuePosition)], reads,
+                        relay.queue_reads)
+        finally:
+            await relay.stop()
+
+    positions, reads_then, reads_after = run(main)
+    assert positions == [1, 0, None]
+    assert reads_after == reads_then
+    assert repo.get_job(first).controller_id == "controller-q"
