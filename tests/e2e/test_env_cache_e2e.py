@@ -19,6 +19,7 @@ import docker
 import pytest
 
 from ci_common.models import EnvEntry, EnvState
+from ci_common.python_images import parse_python_images
 from tests.e2e.harness import Deployment, Process, job_id_from, write_project
 
 pytestmark = pytest.mark.docker
@@ -147,7 +148,7 @@ def test_another_image_eviction_and_admin_prune(deployment: Deployment, tmp_path
         assert code == 0 and MISS in out, out
         [first] = entries(dep)
         # Another image, and a budget that holds one environment of this size, not two.
-        _restart_controller(dep, controller, CI_RUNNER_IMAGE=relabelled,
+        _restart_controller(dep, controller, CI_PYTHON_IMAGES=_default_image_is(dep, relabelled),
                             CI_ENV_CACHE_SIZE=str(first.size_bytes * 3 // 2))
         [(code, out)] = finish(submit(dep, project, user.api_key))
         assert code == 0 and MISS in out, out  # another image id: not the first one's
@@ -174,6 +175,14 @@ def test_another_image_eviction_and_admin_prune(deployment: Deployment, tmp_path
 def _run_in_volume(image: str, volume: str, command: str) -> None:
     subprocess.run(["docker", "run", "--rm", "-v", f"{volume}:/e", image, "sh", "-c", command],
                    check=True, capture_output=True)
+
+
+def _default_image_is(dep: Deployment, image: str) -> str:
+    """CI_PYTHON_IMAGES as the deployment has it, with the default version's image replaced."""
+    env = dep.env()
+    images = parse_python_images(env.get("CI_PYTHON_IMAGES"), env["CI_RUNNER_IMAGE"]).images
+    return ",".join(f"{version}={image if number == 0 else known}"
+                    for number, (version, known) in enumerate(images))
 
 
 def _restart_controller(dep: Deployment, controller: Process, **env: str) -> Process:
