@@ -477,16 +477,37 @@ def env_problem(env_dir: str, requirements_sha256: str) -> str | None:
     return None
 
 
-def build_env(env_dir: str, workdir: str, runner: Runner, has_reqs: bool) -> int:
-    """A virtualenv at env_dir with the requirements (and pytest) in it; pip's exit code.
+def make_venv(env_dir: str, workdir: str) -> bool:
+    """An empty virtualenv at env_dir (quietly: a failure has a fallback, not an error)."""
+    return subprocess.call([sys.executable, "-m", "venv", "--without-pip",
+                            "--system-site-packages", env_dir], cwd=workdir,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
 
-    `--system-site-packages` keeps what the image provides visible, as without the cache, and
-    `--without-pip` makes it in milliseconds: the image's pip installs into it.
+
+def install_system(args: argparse.Namespace, emitter: Emitter, runner: Runner,
+                   requirements: str) -> bool:
+    """The requirements (and pytest) into the image's own Python; False if pip failed."""
+    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
+    if has_requirements(requirements):
+        code = runner.run(pip + ["-r", "requirements.txt"], cwd=args.workdir)
+        if code != 0:
+            emitter.phase(f"install failed (exit {code})")
+            return False
+    if pytest_missing(args.workdir):
+        code = runner.run(pip + ["pytest"], cwd=args.workdir)
+        if code != 0:
+            emitter.phase(f"install failed (exit {code})")
+            return False
+    return True
+
+
+def build_env(env_dir: str, workdir: str, runner: Runner, has_reqs: bool) -> int:
+    """The requirements (and pytest) into the virtualenv at env_dir; pip's exit code.
+
+    It was made with `--system-site-packages`, which keeps what the image provides visible,
+    as without the cache, and `--without-pip`, which takes milliseconds: the image's pip
+    installs into it.
     """
-    code = runner.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
-                       env_dir], cwd=workdir)
-    if code != 0:
-        return code
     pip = [os.path.join(env_dir, "bin", "python"), "-m", "pip", "install"] + PIP_FLAGS
     if has_reqs:
         code = runner.run(pip + ["-r", "requirements.txt"], cwd=workdir)
@@ -520,6 +541,11 @@ def prepare_env(args: argparse.Namespace, emitter: Emitter, runner: Runner,
         emitter.emit(STDOUT, f"[ci] {args.env_note}\n")
         if not same:
             env_dir = LOCAL_ENV_DIR
+    if not make_venv(env_dir, args.workdir):
+        # An image without the venv module: install as without the cache, and cache nothing.
+        emitter.emit(STDOUT, "[ci] cannot make a virtualenv in this image; installing into "
+                             "its Python, uncached\n")
+        return sys.executable if install_system(args, emitter, runner, requirements) else None
     code = build_env(env_dir, args.workdir, runner, has_requirements(requirements))
     if code != 0:
         emitter.phase(f"install failed (exit {code})")
@@ -561,17 +587,8 @@ def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
         if python is None:
             return EXIT_INSTALL_FAILED
         return run_tests(args, emitter, runner, python)
-    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
-    if has_requirements(requirements):
-        code = runner.run(pip + ["-r", "requirements.txt"], cwd=args.workdir)
-        if code != 0:
-            emitter.phase(f"install failed (exit {code})")
-            return EXIT_INSTALL_FAILED
-    if pytest_missing(args.workdir):
-        code = runner.run(pip + ["pytest"], cwd=args.workdir)
-        if code != 0:
-            emitter.phase(f"install failed (exit {code})")
-            return EXIT_INSTALL_FAILED
+    if not install_system(args, emitter, runner, requirements):
+        return EXIT_INSTALL_FAILED
     return run_tests(args, emitter, runner, sys.executable)
 
 

@@ -354,3 +354,51 @@ def test_two_first_jobs_of_one_key_build_twice_harmlessly(repo: InMemoryReposito
     assert set(runtime.volumes) == {kept.volume}
     hit = store.prepare(new_job(repo), sha)
     assert hit.mode is EnvMode.USE and hit.entry is not None and hit.entry.id == kept.id
+
+
+def _runner_args(mode: str, env_dir: Path, workdir: Path, sha: str) -> object:
+    import argparse
+
+    return argparse.Namespace(env_mode=mode, env_dir=str(env_dir), env_id="e1",
+                              env_sha256=sha, env_note="a note", workdir=str(workdir))
+
+
+def _frames(path: Path) -> list[tuple[str, str]]:
+    return [(kind, text) for _, kind, text in map(json.loads, path.read_text().splitlines())]
+
+
+def test_runner_uses_a_sound_environment_and_falls_back_without_venv(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import platform
+
+    from ci_controller import runner_entry
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "requirements.txt").write_text("six\n")
+    sha = hashlib.sha256(b"six\n").hexdigest()
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text("")
+    (env / "bin" / "python").chmod(0o755)
+    (env / ENV_MARKER).write_text(json.dumps({"requirements_sha256": sha,
+                                              "python": platform.python_version()}))
+    out = tmp_path / "frames"
+    with open(out, "w") as handle:
+        emitter = runner_entry.Emitter(handle.fileno())
+        runner = runner_entry.Runner(emitter)
+        used = runner_entry.prepare_env(_runner_args("use", env, workdir, sha), emitter, runner,
+                                        str(workdir / "requirements.txt"))
+        assert used == str(env / "bin" / "python")
+        # An image whose Python cannot make a venv: installed as without the cache.
+        monkeypatch.setattr(runner_entry, "make_venv", lambda env_dir, cwd: False)
+        monkeypatch.setattr(runner_entry, "install_system", lambda *args: True)
+        plain = runner_entry.prepare_env(_runner_args("build", tmp_path / "new", workdir, sha),
+                                         emitter, runner, str(workdir / "requirements.txt"))
+        assert plain == sys.executable
+    frames = _frames(out)
+    assert frames[:2] == [("stdout", "[ci] a note\n"), ("phase", "env used e1")]
+    assert not any(text.startswith("env built") for _, text in frames)
+    assert ("stdout", "[ci] cannot make a virtualenv in this image; installing into its "
+                      "Python, uncached\n") in frames
