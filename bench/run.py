@@ -18,10 +18,15 @@
 6. `several-hosts` (also `--several-hosts [--jobs 120]`): only the load on several Docker
    hosts, on PostgreSQL and SQLite (3 engines with a controller each, 3 replicas, 4 users;
    bench/several_hosts.py).
+7. `env-cache` (also `--env-cache`): only the installed-environment cache's figures
+   (bench/env_cache.py): a hit, a miss and 4 hits at once against plain `docker run`s. (In 1.,
+   the repeated submits of one project start from the cached environment, as users' repeated
+   runs do.)
 
-`--only main|client-start|latency|idle|watchers|several-hosts` (repeatable) runs just those
+`--only main|client-start|latency|idle|watchers|several-hosts|env-cache|all`
+(repeatable; `all` is main, env-cache, idle and watchers: every figure of issue #10) runs just those
 sections; sections 1–3 are `main` (`latency`: section 2 alone, on both backends), and
-sections 4–6 run only when named (they take minutes).
+sections 4–7 run only when named (they take minutes).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench import client_start, idle, several_hosts, watchers  # noqa: E402
+from bench import client_start, env_cache, idle, several_hosts, watchers  # noqa: E402
 from tests.e2e.harness import Deployment, write_project  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "calculator"
@@ -112,11 +117,17 @@ def main() -> None:
     parser.add_argument("--several-hosts", action="store_true",
                         help="only the load on several Docker hosts (bench/several_hosts.py)")
     parser.add_argument("--jobs", type=int, default=120, help="jobs for --several-hosts")
-    parser.add_argument("--only", action="append", choices=list(SECTIONS),
-                        help="run only this section (repeatable); default: main")
+    parser.add_argument("--env-cache", action="store_true",
+                        help="only measure the installed-environment cache (hit, miss, 4 at once)")
+    parser.add_argument("--only", action="append", choices=[*SECTIONS, "all"],
+                        help="run only this section (repeatable); default: main; all: "
+                             "main, env-cache, idle and watchers")
     args = parser.parse_args()
     only = args.only or (["client-start"] if args.client_start else
-                         ["several-hosts"] if args.several_hosts else ["main"])
+                         ["several-hosts"] if args.several_hosts else
+                         ["env-cache"] if args.env_cache else ["main"])
+    if "all" in only:  # every figure of issue #10, one after the other
+        only = ["main", "env-cache", "idle", "watchers"]
     for name in only:
         SECTIONS[name](args)
 
@@ -129,6 +140,9 @@ def main_section(args: argparse.Namespace) -> None:
                                capture_output=True, text=True).stdout.strip()
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle)
+    if args.env_cache:
+        env_cache_only(dep, workdir, image, ca_bundle, args.runs)
+        return
     try:
         dep.start_controller()
         dep.start_server()
@@ -178,6 +192,20 @@ def measure_client_start(dep: Deployment, project: Path, key: str,
         "ci submit test → upload's 1st byte": client_start.time_to_first_request(project, key,
                                                                                 runs),
     }
+
+
+def env_cache_only(dep: Deployment, workdir: Path, image: str, ca_bundle: str | None,
+                   runs: int) -> None:
+    try:
+        dep.start_controller()
+        dep.start_server()
+        key = dep.create_user("bench@example.com").api_key
+        figures = env_cache.measure(dep, key, workdir, runs,
+                                    lambda project: timed_docker_run(image, project, ca_bundle))
+    finally:
+        dep.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    env_cache.report(figures, runs)
 
 
 def client_start_only(runs: int, history: int) -> None:
@@ -247,6 +275,8 @@ SECTIONS = {
     "idle": idle_section,
     "watchers": watchers_section,
     "several-hosts": lambda args: sys.exit(0 if several_hosts.run(args.jobs) else 1),
+    "env-cache": lambda args: main_section(argparse.Namespace(**{**vars(args),
+                                                                 "env_cache": True})),
 }
 
 

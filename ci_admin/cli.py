@@ -9,6 +9,8 @@
                                      key revoke KEY_ID
                                      controller list [--json]
                                      jobs prune [--older-than AGE] [--dry-run]
+                                     cache list [--json]
+                                     cache prune [--user EMAIL|ID]
 
 The entry point builds `Settings` from `--db-path` / `CI_DB_PATH` (SQLite) or `--database-url` /
 `CI_DATABASE_URL` (PostgreSQL, which wins when both are given) and opens the repository on
@@ -293,6 +295,42 @@ def jobs_prune(state: AdminState, older_than: str | None, dry_run: bool) -> None
     else:
         result = retention.prune(state.repository, cutoff, max_passes=10**9)
     click.echo(render.prune_result(result, cutoff, dry_run))
+
+
+# ---------------------------------------------------------------------------- environment cache
+@cli.group()
+def cache() -> None:
+    """The installed-environment cache: list entries, prune them."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.pass_obj
+def cache_list(state: AdminState, as_json: bool) -> None:
+    """List cached environments, least recently used first: owner, state, size, key, age."""
+    entries = state.repository.list_envs()
+    emails = {user.id: user.email for user in state.repository.list_users()}
+    now = utcnow()
+    if as_json:
+        click.echo(render.json_list([render.env_json(e, emails) for e in entries]))
+    else:
+        click.echo(render.envs_table(entries, emails, now))
+
+
+@cache.command("prune")
+@click.option("--user", "user", metavar="EMAIL|ID", help="Only this user's environments.")
+@click.pass_obj
+def cache_prune(state: AdminState, user: str | None) -> None:
+    """Mark cached environments for removal; each controller removes its volumes next pass.
+
+    A job already running from one keeps it until it ends; the next job of its key rebuilds.
+    """
+    user_id = None
+    if user is not None:
+        found = (actions.find_user(state.repository, email=user) if "@" in user
+                 else actions.find_user(state.repository, user_id=user))
+        user_id = found.id
+    click.echo(render.envs_pruned(state.repository.prune_envs(user_id)))
 
 
 def main() -> None:

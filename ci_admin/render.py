@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from ci_admin.actions import ActiveChange, CreatedKey, Revocation
 from ci_common.errors import CIError
-from ci_common.models import ApiKey, ControllerLease, PruneResult, User
+from ci_common.models import ApiKey, ControllerLease, EnvEntry, EnvState, PruneResult, User
 from ci_common.settings import format_size
 
 _COLUMN_GAP = "   "
@@ -182,6 +182,62 @@ def controllers_table(leases: Sequence[ControllerLease], now: datetime) -> str:
             for c in leases]
     return table(["CONTROLLER", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "JOBS",
                   "ALIVE"], rows)
+
+
+def env_json(entry: EnvEntry, emails: Mapping[str, str]) -> dict[str, Any]:
+    """A cached environment as a JSON object."""
+    return {
+        "id": entry.id,
+        "user_id": entry.key.user_id,
+        "user_email": emails.get(entry.key.user_id, ""),
+        "state": entry.state.value,
+        "size_bytes": entry.size_bytes,
+        "python_version": entry.python_version,
+        "requirements_sha256": entry.key.requirements_sha256,
+        "image_id": entry.key.image_id,
+        "engine_id": entry.key.engine_id,
+        "volume": entry.volume,
+        "job_id": entry.job_id,
+        "created_at": entry.created_at.isoformat(),
+        "built_at": entry.built_at.isoformat() if entry.built_at else None,
+        "last_used_at": entry.last_used_at.isoformat() if entry.last_used_at else None,
+    }
+
+
+def _ago(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "-"
+    seconds = max((now - when).total_seconds(), 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
+def envs_table(entries: Sequence[EnvEntry], emails: Mapping[str, str], now: datetime) -> str:
+    """`cache list`: one line per cached environment, and the total of the ready ones."""
+    if not entries:
+        return "No cached environments."
+    rows = [[e.id[:8], emails.get(e.key.user_id, e.key.user_id), e.state.value,
+             format_size(e.size_bytes), e.python_version or "-",
+             e.key.requirements_sha256[:12], e.key.image_id.removeprefix("sha256:")[:12],
+             e.key.engine_id[:12], _ago(e.built_at, now), _ago(e.last_used_at, now)]
+            for e in entries]
+    ready = [e for e in entries if e.state is EnvState.READY]
+    total = (f"{len(ready)} ready, {format_size(sum(e.size_bytes for e in ready))} "
+             f"(budget per engine: CI_ENV_CACHE_SIZE)")
+    return table(["ENTRY", "USER", "STATE", "SIZE", "PYTHON", "REQUIREMENTS", "IMAGE",
+                  "ENGINE", "BUILT", "LAST USED"], rows) + "\n" + total
+
+
+def envs_pruned(entries: Sequence[EnvEntry]) -> str:
+    """`cache prune`: how many entries were marked, and what happens next."""
+    if not entries:
+        return "No cached environments to prune."
+    plural = "environment" if len(entries) == 1 else "environments"
+    return (f"Marked {len(entries)} cached {plural} for removal "
+            f"({format_size(sum(e.size_bytes for e in entries))}); each controller removes "
+            "its volumes at its next pass.")
 
 
 def prune_result(result: PruneResult, cutoff: datetime, dry_run: bool) -> str:

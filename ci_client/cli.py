@@ -194,11 +194,14 @@ def junit_option(func: F) -> F:
 @junit_option
 @click.option("--max-upload", metavar="SIZE",
               help="Refuse archives over this size (default: $CI_MAX_UPLOAD or 50MB).")
+@click.option("--no-cache", is_flag=True,
+              help="Install the requirements afresh instead of starting from the cached "
+                   "environment (the fresh one then replaces it).")
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- PYTEST_ARGS...]")
 @connection_options
 @click.pass_context
 def submit_test(ctx: click.Context, run_async: bool, timeout: float | None, python: str | None,
-                junit_xml: Path | None, max_upload: str | None,
+                junit_xml: Path | None, max_upload: str | None, no_cache: bool,
                 pytest_args: tuple[str, ...]) -> None:
     """Pack the project in the current directory, run its tests, stream the output.
 
@@ -217,7 +220,8 @@ def submit_test(ctx: click.Context, run_async: bool, timeout: float | None, pyth
     _status(f"Packing project… {packing.describe_archive(packed)}")
     _status("Uploading…")
     with state.client(config) as client:
-        created = client.submit(packed.archive, timeout, pytest_args=pytest_args, python=python)
+        created = client.submit(packed.archive, timeout, pytest_args=pytest_args, python=python,
+                                no_cache=no_cache)
         if run_async:
             click.echo(f"Job submitted: {created.id}")
             return

@@ -190,9 +190,12 @@ class CIClient:
 
     # ----------------------------------------------------------------- requests
     def submit(self, archive_bytes: bytes, timeout: float | None = None, *,
-               pytest_args: Sequence[str] = (), python: str | None = None) -> JobCreated:
-        """Upload a packed project; the new job is queued."""
+               pytest_args: Sequence[str] = (), python: str | None = None,
+               no_cache: bool = False) -> JobCreated:
+        """Upload a packed project; the new job is queued (`no_cache`: install afresh)."""
         data = {} if timeout is None else {"timeout": repr(float(timeout))}
+        if no_cache:
+            data["no_cache"] = "true"
         if pytest_args:
             from ci_common.pytest_args import pytest_args_to_json
 

@@ -6,6 +6,7 @@ All timestamps are timezone-aware UTC datetimes.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -79,6 +80,7 @@ class Job:
     # when its controller was about to create the container (fenced, before it could start):
     # a claimed job with one may have run, so a take-over on another engine never requeues it
     start_attempted_at: datetime | None = None
+    no_cache: bool = False  # `ci submit test --no-cache`: install afresh, ignore a cached env
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +220,42 @@ class TakeOver:
     adopted: tuple[str, ...]  # now the taker's: it adopts their containers as after a restart
     failed: tuple[str, ...]  # running on an engine no live controller watches: controller lost
     cancelled: tuple[str, ...]  # claimed, never started, and the user had asked to cancel
+
+
+class EnvState(enum.StrEnum):
+    """Lifecycle of a cached environment: building → ready → removing (→ row deleted)."""
+
+    BUILDING = "building"  # a job is installing into its volume; never used by another job
+    READY = "ready"  # installed successfully; jobs of the same key start from it
+    REMOVING = "removing"  # pruned, evicted, replaced or broken: its controller removes it
+
+
+@dataclass(frozen=True, slots=True)
+class EnvKey:
+    """What a cached environment is keyed by: whose, where, which image, which requirements.
+
+    The engine is part of it because a volume lives on one Docker engine. The image id (not
+    its tag) pins the interpreter: the Python version is recorded from the build and checked
+    again by the runner before the environment is used.
+    """
+
+    user_id: str
+    engine_id: str
+    image_id: str
+    requirements_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnvEntry:
+    """One cached environment: a Docker volume holding a virtualenv (see ci_controller.envcache)."""
+
+    id: str  # UUID4 as text
+    key: EnvKey
+    volume: str  # the volume's name on key.engine_id: unique per build
+    state: EnvState
+    job_id: str  # the job that built it
+    python_version: str  # e.g. "3.11.2"; "" until ready
+    size_bytes: int  # du of the environment; 0 until ready
+    created_at: datetime  # the build started
+    built_at: datetime | None  # the build succeeded
+    last_used_at: datetime | None  # the last job that started from it (LRU eviction)

@@ -18,6 +18,8 @@ from typing import Protocol
 from ci_common.models import (
     ApiKey,
     ControllerLease,
+    EnvEntry,
+    EnvKey,
     Fence,
     Job,
     JobEvent,
@@ -117,7 +119,8 @@ class Repository(Protocol):
 
     # ----------------------------------------------------------------- jobs (server side)
     def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
-                   pytest_args: Sequence[str] = (), python_version: str | None = None) -> Job:
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
+                   no_cache: bool = False) -> Job:
         """Store the archive and a queued job, and append its first STATUS event (seq 1), at once.
 
         After it returns, any replica and any controller can read the job and its archive.
@@ -301,6 +304,40 @@ class Repository(Protocol):
 
     def list_leases(self) -> list[ControllerLease]:
         """Every controller id ever registered, by id, with its count of running jobs."""
+
+    # ----------------------------------------------------------------- environment cache
+    # Rows only: the controller of an entry's engine creates and removes the Docker volumes.
+    def begin_env(self, key: EnvKey, volume: str, job_id: str, now: datetime) -> EnvEntry:
+        """Record a build about to start in `volume` (a new, unique name): state building."""
+
+    def find_env(self, key: EnvKey) -> EnvEntry | None:
+        """The newest ready entry of this key, or None. Another user's entry is never found."""
+
+    def env_built(self, entry_id: str, python_version: str, size_bytes: int,
+                  now: datetime) -> EnvEntry | None:
+        """building → ready (built_at = last_used_at = now), atomically retiring (→ removing)
+        every other ready entry of the same key: of two first builds of one key, the later
+        one to finish wins and the other is removed. None (nothing changes) when the entry is
+        not building any more: it was pruned meanwhile, and its volume is removed instead.
+        """
+
+    def touch_env(self, entry_id: str, now: datetime) -> None:
+        """A job starts from this entry: last_used_at = now (LRU). Unknown ids are ignored."""
+
+    def retire_envs(self, entry_ids: Sequence[str]) -> None:
+        """Mark entries removing (evicted, broken, or their build failed); unknown ids ignored."""
+
+    def prune_envs(self, user_id: str | None = None) -> list[EnvEntry]:
+        """Mark every entry (or every entry of one user) removing; returns those it marked.
+
+        `ci-admin cache prune`: the controllers remove their volumes at their next pass.
+        """
+
+    def list_envs(self, engine_id: str | None = None) -> list[EnvEntry]:
+        """Every entry (or one engine's), least recently used first."""
+
+    def delete_env(self, entry_id: str) -> None:
+        """Forget an entry whose volume is gone. Unknown ids are ignored."""
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -55,6 +55,9 @@ class Settings:
     cancel_grace_s: float = field(default=10.0, metadata={"env": "CI_CANCEL_GRACE"})
     # Finished jobs older than this lose their output and archive (0: keep them forever).
     retention_days: float = field(default=30.0, metadata={"env": "CI_RETENTION_DAYS"})
+    # Disk the installed-environment cache may use on this controller's engine (LRU beyond
+    # it); 0 turns the cache off: every job installs into the container's system Python.
+    env_cache_bytes: int = field(default=4 * 1024**3, metadata={"env": "CI_ENV_CACHE_SIZE"})
     # Where the controller serves its Prometheus metrics; None: not at all.
     metrics_port: int | None = field(default=None, metadata={"env": "CI_METRICS_PORT"})
 

@@ -8,6 +8,7 @@ client is created lazily, so a controller starts (and retries) while the engine 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import math
@@ -239,6 +240,44 @@ class DockerRuntime:
             oom_killed=bool(state.get("OOMKilled")),
             labels=dict((data.get("Config") or {}).get("Labels") or {}),
         )
+
+
+    # ------------------------------------------------------------------ volumes
+    def image_id(self, image: str) -> str:
+        try:
+            return str(self._call("inspect image", lambda api: api.inspect_image(image))["Id"])
+        except docker.errors.NotFound as exc:
+            raise CIError(f"image {image} not found") from exc
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> None:
+        self._call("create volume", lambda api: api.create_volume(
+            name=name, driver="local", labels=dict(labels)))
+
+    def volume_exists(self, name: str) -> bool:
+        try:
+            self._call("inspect volume", lambda api: api.inspect_volume(name))
+        except docker.errors.NotFound:
+            return False
+        return True
+
+    def remove_volume(self, name: str) -> bool:
+        def remove(api: Any) -> bool:
+            try:
+                api.remove_volume(name)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:  # in use by a container: try again later
+                    return False
+                raise
+            return True
+
+        return self._call("remove volume", remove)
+
+    def list_volumes(self, labels: Mapping[str, str]) -> builtins.list[str]:
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        answer = self._call("list volumes", lambda api: api.volumes(filters=filters))
+        return [str(volume["Name"]) for volume in (answer or {}).get("Volumes") or []]
 
 
 def _listed_state(row: Mapping[str, Any]) -> ContainerState:

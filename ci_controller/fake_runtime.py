@@ -11,6 +11,7 @@ exit code. `stop` and `kill` end it at once, as the runner does on SIGTERM.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import threading
@@ -80,6 +81,8 @@ class FakeRuntime:
         self.identity = "fake-engine"  # what engine_id() answers
         self.fail: dict[str, CIError] = {}  # method name → error it raises (once each)
         self.max_running = 0  # most containers running at the same time so far
+        self.images: dict[str, str] = {}  # image name → id; unknown names get "sha256:<name>"
+        self.volumes: dict[str, dict[str, str]] = {}  # volume name → labels
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
 
@@ -124,6 +127,9 @@ class FakeRuntime:
             script = self.scripts.get(job_id)
             if script is None and self.script_for is not None:
                 script = self.script_for(spec)
+            for mount in spec.mounts:  # as Docker does: a missing named volume is made empty
+                if mount.volume and mount.source not in self.volumes:
+                    self.volumes[mount.source] = {}
             container = FakeContainer(id=f"fake{next(self._ids):06d}", spec=spec,
                                       script=script or self.default)
             self.containers[container.id] = container
@@ -226,6 +232,39 @@ class FakeRuntime:
         with self._cond:
             container = self.containers.get(container_id)
             return None if container is None else container.state()
+
+
+    # ------------------------------------------------------------------ volumes
+    def image_id(self, image: str) -> str:
+        self._check("image_id")
+        return self.images.get(image, f"sha256:{image}")
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> None:
+        self._check("create_volume")
+        with self._cond:
+            if name in self.volumes:
+                raise CIError(f"volume {name} already exists")
+            self.volumes[name] = dict(labels)
+
+    def volume_exists(self, name: str) -> bool:
+        self._check("volume_exists")
+        with self._cond:
+            return name in self.volumes
+
+    def remove_volume(self, name: str) -> bool:
+        self._check("remove_volume")
+        with self._cond:
+            if any(m.volume and m.source == name for c in self.containers.values()
+                   for m in c.spec.mounts):
+                return False
+            self.volumes.pop(name, None)
+            return True
+
+    def list_volumes(self, labels: Mapping[str, str]) -> builtins.list[str]:
+        self._check("list_volumes")
+        with self._cond:
+            return [name for name, have in self.volumes.items()
+                    if all(have.get(k) == v for k, v in labels.items())]
 
 
 class _FakeFollow:

@@ -4,6 +4,8 @@
     ci_container_start_seconds                histogram: claim → container started
     ci_job_duration_seconds{status}           histogram: start → end of the jobs it finished
     ci_engine_errors_total                    counter: times the container engine did not answer
+    ci_env_cache_hits_total                   counter: jobs started from a cached environment
+    ci_env_cache_misses_total                 counter: jobs that install (and cache) afresh
 
 Job durations are observed here, by the one controller that finishes a job, rather than by the
 server replicas, which all see every job and would each count it (summing them would double
@@ -50,6 +52,14 @@ class ControllerMetrics:
         self.engine_errors = Counter("ci_engine_errors",
                                      "Times the container engine did not answer.",
                                      registry=self.registry)
+
+        self.env_cache_hits = Counter("ci_env_cache_hits",
+                                      "Jobs started from a cached installed environment.",
+                                      registry=self.registry)
+        self.env_cache_misses = Counter("ci_env_cache_misses",
+                                        "Jobs that installed their requirements afresh (no "
+                                        "cached environment, or --no-cache).",
+                                        registry=self.registry)
 
     def observe_job(self, status: JobStatus, start: datetime | None, end: datetime | None) -> None:
         """A job this controller finished; one that never started has no duration."""

@@ -31,6 +31,7 @@ from ci_common.errors import CIError, LeaseLost, NotFound, RuntimeUnavailable
 from ci_common.models import Fence, Job, JobOutcome, JobStatus, TakeOver, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
+from ci_controller.envstore import EnvStore
 from ci_controller.metrics import ControllerMetrics
 from ci_controller.outcome import REASON_CONTAINER_LOST, cancelled_before_start
 from ci_controller.runtime import ContainerRuntime, ContainerState, ContainerStatus
@@ -81,6 +82,8 @@ class Controller:
         self.start_latencies_s: deque[float] = deque(maxlen=100)
         self.metrics = metrics or ControllerMetrics()
         self.metrics.running_jobs.set_function(self.active_jobs)
+        self.env_store = EnvStore(settings, repository, runtime, self.installation_id,
+                                  self.metrics)
 
     # ------------------------------------------------------------------ public
     def active_jobs(self) -> int:
@@ -137,6 +140,7 @@ class Controller:
                     self._retry_at[job.id] = now + RETRY_AFTER_ERROR_S
             if full:
                 did_work = self._sweep(containers, {job.id for job in jobs}) or did_work
+                self._maintain_env_cache({job.id for job in jobs})
         self._retention(now)
         return self._claim() or did_work
 
@@ -360,6 +364,15 @@ class Controller:
             removed = True
         return removed
 
+    def _maintain_env_cache(self, live_job_ids: set[str]) -> None:
+        """Evict and remove cached environments (envstore.py); a failure waits for next time."""
+        try:
+            self.env_store.maintain(live_job_ids)
+        except RuntimeUnavailable as exc:
+            self.note_engine_down(exc)
+        except CIError as exc:
+            log.warning("environment cache upkeep failed: %s", exc.message)
+
     def _job_is_over(self, container: ContainerState) -> bool:
         """Whether a container of this installation that nobody here follows may be removed.
 
@@ -382,7 +395,7 @@ class Controller:
                                    container_id=container_id, on_done=self._supervisor_done,
                                    on_engine_down=self.note_engine_down,
                                    on_started=self.metrics.container_start.observe,
-                                   claimed_at=time.monotonic())
+                                   claimed_at=time.monotonic(), env_store=self.env_store)
         with self._lock:
             self._supervisors[job.id] = supervisor
         self._retry_at.pop(job.id, None)

@@ -29,6 +29,15 @@ Phase frames say how the run went; the last one is one of:
     tests exited <N>                 exit N (pytest's exit code)
     terminated                       exit 143 (SIGTERM: the job was cancelled)
     runner error: <message>          exit 102
+
+With `--env-mode build|use` (the installed-environment cache, see ci_controller/envcache.py)
+the requirements go into a virtualenv at `--env-dir` instead of the system's site-packages,
+and phase frames before `tests started` say what became of it:
+
+    env built {"id": …, "python": "3.11.2", "size": <bytes>}   the build succeeded: cache it
+    env used <id>                     the cached environment was sound and is used as it is
+    env broken <id>: <reason>         it was not (missing, half-written, other requirements…):
+                                      the job installs afresh elsewhere, uncached
 """
 
 from __future__ import annotations
@@ -37,8 +46,11 @@ import argparse
 import codecs
 import collections
 import contextlib
+import hashlib
+import importlib.util
 import json
 import os
+import platform
 import selectors
 import shlex
 import signal
@@ -75,6 +87,12 @@ PIP_FLAGS = ["--no-input", "--progress-bar", "off"]
 PYTEST_ARGS = ["-v", "-p", "no:cacheprovider"]
 JUNIT_NAME = "junit.xml"  # pytest's report, written beside the work dir (not in the project)
 REPORT_PREFIX = "report "  # a phase frame: REPORT_PREFIX + the JSON of summarize_junit
+ENV_BUILT_PREFIX = "env built "  # + JSON {"id", "python", "size"}
+ENV_USED_PREFIX = "env used "  # + the entry id
+ENV_BROKEN_PREFIX = "env broken "  # + the entry id + ": " + reason
+TESTS_STARTED = "tests started"
+ENV_MARKER = ".ci-env.json"  # written into the environment last: its presence means complete
+LOCAL_ENV_DIR = "/ci/local-env"  # where a job whose cached environment is broken installs
 JUNIT_PREFIX = "junit "  # a phase frame: JUNIT_PREFIX + the next piece of the XML report
 JUNIT_PIECE = 32 * 1024  # characters of XML per frame: a frame line stays well under 1 MB
 MAX_JUNIT_KEPT = 4 * 1024 * 1024  # bytes of XML sent to be stored; a larger report is not
@@ -295,6 +313,8 @@ class Runner:
             raise Terminated()
         # Like a CI log: the command first, so the user sees which step an error belongs to.
         shown = ["python" if word == sys.executable else word for word in command]
+        if command[0].endswith("/bin/python"):  # an environment's interpreter
+            shown[0] = "python"
         self.emitter.emit(STDOUT, "$ " + shlex.join(shown) + "\n")
         # Its own session: SIGTERM and the final cleanup reach every process it started.
         child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -348,10 +368,10 @@ def has_requirements(path: str) -> bool:
         return any(line.strip() and not line.strip().startswith("#") for line in handle)
 
 
-def pytest_missing(cwd: str) -> bool:
+def pytest_missing(cwd: str, python: str = sys.executable) -> bool:
     """Whether pytest cannot be imported (the project did not ask for it)."""
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytest') is None)"
-    return subprocess.call([sys.executable, "-c", probe], cwd=cwd,
+    return subprocess.call([python, "-c", probe], cwd=cwd,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) != 0
 
 
@@ -413,6 +433,131 @@ def _seconds(text: str | None) -> float:
     return value if value >= 0 and value != float("inf") else 0.0
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (requirements.txt: the cache key's part)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(COPY_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_size(path: str) -> int:
+    """Bytes of the regular files under path (what `du -sb` calls the apparent size)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
+def env_problem(env_dir: str, requirements_sha256: str) -> str | None:
+    """Why a cached environment cannot be used as it is; None when it is sound."""
+    try:
+        with open(os.path.join(env_dir, ENV_MARKER), encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return "it is missing or was never completed"
+    if not isinstance(marker, dict) or marker.get("requirements_sha256") != requirements_sha256:
+        return "it was built from another requirements.txt"
+    if marker.get("python") != platform.python_version():
+        return f"it was built with Python {marker.get('python')}"
+    if not os.access(os.path.join(env_dir, "bin", "python"), os.X_OK):
+        return "its interpreter is missing"
+    # Without a subprocess (this runs on every hit): in the venv's own site-packages, or in
+    # the system's, which this interpreter sees as the venv does.
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    site = os.path.join(env_dir, "lib", version, "site-packages")
+    if not (os.path.isfile(os.path.join(site, "pytest", "__init__.py"))
+            or importlib.util.find_spec("pytest") is not None):
+        return "pytest is missing from it"
+    return None
+
+
+def make_venv(env_dir: str, workdir: str) -> bool:
+    """An empty virtualenv at env_dir (quietly: a failure has a fallback, not an error)."""
+    return subprocess.call([sys.executable, "-m", "venv", "--without-pip",
+                            "--system-site-packages", env_dir], cwd=workdir,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+
+
+def install_system(args: argparse.Namespace, emitter: Emitter, runner: Runner,
+                   requirements: str) -> bool:
+    """The requirements (and pytest) into the image's own Python; False if pip failed."""
+    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
+    if has_requirements(requirements):
+        code = runner.run(pip + ["-r", "requirements.txt"], cwd=args.workdir)
+        if code != 0:
+            emitter.phase(f"install failed (exit {code})")
+            return False
+    if pytest_missing(args.workdir):
+        code = runner.run(pip + ["pytest"], cwd=args.workdir)
+        if code != 0:
+            emitter.phase(f"install failed (exit {code})")
+            return False
+    return True
+
+
+def build_env(env_dir: str, workdir: str, runner: Runner, has_reqs: bool) -> int:
+    """The requirements (and pytest) into the virtualenv at env_dir; pip's exit code.
+
+    It was made with `--system-site-packages`, which keeps what the image provides visible,
+    as without the cache, and `--without-pip`, which takes milliseconds: the image's pip
+    installs into it.
+    """
+    pip = [os.path.join(env_dir, "bin", "python"), "-m", "pip", "install"] + PIP_FLAGS
+    if has_reqs:
+        code = runner.run(pip + ["-r", "requirements.txt"], cwd=workdir)
+        if code != 0:
+            return code
+    if pytest_missing(workdir, os.path.join(env_dir, "bin", "python")):
+        return runner.run(pip + ["pytest"], cwd=workdir)
+    return 0
+
+
+def prepare_env(args: argparse.Namespace, emitter: Emitter, runner: Runner,
+                requirements: str) -> str | None:
+    """Install into (or reuse) the job's environment; its interpreter, None if pip failed."""
+    sha = file_sha256(requirements)
+    # The controller keyed the entry on the requirements.txt it read from the archive; should
+    # the unpacked one differ (a zip with two such entries), nothing is used or cached.
+    same = sha == args.env_sha256
+    env_dir = args.env_dir
+    cacheable = args.env_mode == "build" and same
+    if args.env_mode == "use":
+        problem = env_problem(env_dir, sha) if same else "requirements.txt is not the one keyed"
+        if problem is None:
+            emitter.emit(STDOUT, f"[ci] {args.env_note}\n")
+            emitter.phase(ENV_USED_PREFIX + args.env_id)
+            return os.path.join(env_dir, "bin", "python")
+        emitter.phase(f"{ENV_BROKEN_PREFIX}{args.env_id}: {problem}")
+        emitter.emit(STDOUT, f"[ci] cached environment unusable ({problem}); installing "
+                             "dependencies\n")
+        env_dir = LOCAL_ENV_DIR
+    else:
+        emitter.emit(STDOUT, f"[ci] {args.env_note}\n")
+        if not same:
+            env_dir = LOCAL_ENV_DIR
+    if not make_venv(env_dir, args.workdir):
+        # An image without the venv module: install as without the cache, and cache nothing.
+        emitter.emit(STDOUT, "[ci] cannot make a virtualenv in this image; installing into "
+                             "its Python, uncached\n")
+        return sys.executable if install_system(args, emitter, runner, requirements) else None
+    code = build_env(env_dir, args.workdir, runner, has_requirements(requirements))
+    if code != 0:
+        emitter.phase(f"install failed (exit {code})")
+        return None
+    if cacheable:
+        python = platform.python_version()
+        with open(os.path.join(env_dir, ENV_MARKER), "w", encoding="utf-8") as handle:
+            json.dump({"requirements_sha256": sha, "python": python}, handle)
+        emitter.phase(ENV_BUILT_PREFIX + json.dumps(
+            {"id": args.env_id, "python": python, "size": tree_size(env_dir)}))
+    return os.path.join(env_dir, "bin", "python")
+
 def send_junit(path: str, emitter: Emitter) -> None:
     """The XML report as `junit` phase frames, when there is one within MAX_JUNIT_KEPT."""
     try:
@@ -436,27 +581,31 @@ def run_job(args: argparse.Namespace, emitter: Emitter, runner: Runner) -> int:
     except InvalidArchive as exc:
         emitter.phase("invalid archive: " + str(exc))
         return EXIT_INVALID_ARCHIVE
-    pip = [sys.executable, "-m", "pip", "install"] + PIP_FLAGS
     emitter.phase("install started")
-    if has_requirements(requirements):
-        code = runner.run(pip + ["-r", "requirements.txt"], cwd=args.workdir)
-        if code != 0:
-            emitter.phase(f"install failed (exit {code})")
+    if args.env_mode != "none":
+        python = prepare_env(args, emitter, runner, requirements)
+        if python is None:
             return EXIT_INSTALL_FAILED
-    if pytest_missing(args.workdir):
-        code = runner.run(pip + ["pytest"], cwd=args.workdir)
-        if code != 0:
-            emitter.phase(f"install failed (exit {code})")
-            return EXIT_INSTALL_FAILED
-    emitter.phase("tests started")
+        return run_tests(args, emitter, runner, python)
+    if not install_system(args, emitter, runner, requirements):
+        return EXIT_INSTALL_FAILED
+    return run_tests(args, emitter, runner, sys.executable)
+
+
+def run_tests(args: argparse.Namespace, emitter: Emitter, runner: Runner, python: str) -> int:
+    """Run pytest with `python`, report, and return the container's exit code."""
+    emitter.phase(TESTS_STARTED)
     junit = os.path.join(os.path.dirname(args.workdir), JUNIT_NAME)
     env = test_environment(args.workdir)
     # Through the environment, not the command line: the command shown to the user stays the
     # one they would type, and it wins over a --junitxml in the project's own addopts.
     env["PYTEST_ADDOPTS"] = f"--junitxml={junit}"
+    if python != sys.executable:  # the environment's scripts (console entry points) first
+        env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
+        env["VIRTUAL_ENV"] = os.path.dirname(os.path.dirname(python))
     # The user's arguments last, as separate argv entries (the server refused those that
     # would defeat the report); PYTEST_ARGS come first so the user's may refine them.
-    code = runner.run([sys.executable, "-m", "pytest", *PYTEST_ARGS, *args.pytest_args],
+    code = runner.run([python, "-m", "pytest", *PYTEST_ARGS, *args.pytest_args],
                       cwd=args.workdir, env=env)
     send_junit(junit, emitter)
     summary = summarize_junit(junit, args.workdir)
@@ -477,6 +626,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pytest-args", default="[]",
                         help="JSON list of extra arguments for pytest (one argv entry: no "
                              "shell, no splitting)")
+    parser.add_argument("--env-mode", choices=("none", "build", "use"), default="none",
+                        help="none: install into the system; build: into a new environment "
+                             "at --env-dir; use: run with the one there if it is sound")
+    parser.add_argument("--env-dir", default="/ci/env")
+    parser.add_argument("--env-id", default="", help="the cache entry (echoed in env phases)")
+    parser.add_argument("--env-sha256", default="", help="requirements.txt's hash it is keyed on")
+    parser.add_argument("--env-note", default="", help="the line shown before installing/using")
     args = parser.parse_args(argv)
     args.workdir = os.path.abspath(args.workdir)
     try:

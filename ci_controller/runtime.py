@@ -9,6 +9,7 @@ other engine failures raise `ci_common.errors.CIError` with a one-line message.
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ class ContainerStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Mount:
-    """A host file or directory bind-mounted into the container."""
+    """A host file or directory bind-mounted into the container, or a named volume."""
 
-    source: str
+    source: str  # a host path, or the volume's name when `volume`
     target: str
     read_only: bool = True
+    volume: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,4 +134,25 @@ class ContainerRuntime(Protocol):
 
     def inspect(self, container_id: str) -> ContainerState | None:
         """The container's state, or None when it does not exist."""
+        ...
+
+    # Volumes hold cached environments (see ci_controller.envcache).
+    def image_id(self, image: str) -> str:
+        """The image's content id (`sha256:…`). CIError when the engine has no such image."""
+        ...
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> None:
+        """Create an empty named volume."""
+        ...
+
+    def volume_exists(self, name: str) -> bool:
+        """Whether the named volume exists."""
+        ...
+
+    def remove_volume(self, name: str) -> bool:
+        """Remove a volume: True once it is gone (or never existed), False while in use."""
+        ...
+
+    def list_volumes(self, labels: Mapping[str, str]) -> builtins.list[str]:
+        """Names of the volumes carrying every one of these labels."""
         ...

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from ci_common.pytest_args import pytest_args_to_json
 from ci_common.settings import Settings
+from ci_controller.envcache import ENV_DIR, NO_CACHE, EnvMode, EnvPlan, runner_args
 from ci_controller.runtime import ContainerSpec, Mount
 
 LABEL_JOB_ID = "ci.job_id"
@@ -63,7 +64,8 @@ def controller_labels(settings: Settings, installation_id: str) -> dict[str, str
     return {LABEL_INSTALLATION_ID: installation_id, LABEL_CONTROLLER_ID: settings.controller_id}
 
 
-def runner_command(settings: Settings, pytest_args: Sequence[str] = ()) -> tuple[str, ...]:
+def runner_command(settings: Settings, pytest_args: Sequence[str] = (),
+                   env_args: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The container's command: the runner script with the archive and log limits."""
     command: tuple[str, ...] = (
         "python3", RUNNER_PATH,
@@ -75,7 +77,7 @@ def runner_command(settings: Settings, pytest_args: Sequence[str] = ()) -> tuple
     )
     if pytest_args:
         command += ("--pytest-args", pytest_args_to_json(pytest_args))
-    return command
+    return command + env_args
 
 
 def container_environment(settings: Settings) -> dict[str, str]:
@@ -93,19 +95,26 @@ def log_file_bytes(settings: Settings) -> int:
 
 def job_container_spec(settings: Settings, job_id: str, installation_id: str, *,
                        pytest_args: Sequence[str] = (),
-                       python_version: str | None = None) -> ContainerSpec:
+                       python_version: str | None = None,
+                       env: EnvPlan = NO_CACHE, requirements_sha256: str = "") -> ContainerSpec:
     """The hardened container spec for one job.
 
     Raises InvalidInput when this controller has no image for the job's Python version (its
     CI_PYTHON_IMAGES differs from the server's): the job fails as it could not start.
+
+    With a cached environment (see envcache.py) its volume is mounted at ENV_DIR: writable
+    for the job that builds it, read-only for the jobs that use it.
     """
     mounts: tuple[Mount, ...] = ()
     if settings.ca_bundle:
         mounts = (Mount(source=settings.ca_bundle, target=CA_BUNDLE_PATH, read_only=True),)
+    if env.entry is not None and env.mode is not EnvMode.NONE:
+        mounts += (Mount(source=env.entry.volume, target=ENV_DIR,
+                         read_only=env.mode is EnvMode.USE, volume=True),)
     return ContainerSpec(
         image=settings.python_images().image_for(python_version),
         name=container_name(settings, job_id),
-        command=runner_command(settings, pytest_args),
+        command=runner_command(settings, pytest_args, runner_args(env, requirements_sha256)),
         labels={LABEL_JOB_ID: job_id, **controller_labels(settings, installation_id)},
         environment=container_environment(settings),
         working_dir=RUNNER_DIR,

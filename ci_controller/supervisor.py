@@ -25,6 +25,8 @@ from ci_common.models import Fence, Job, JobOutcome, JobStatus, utcnow
 from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_controller import runner_entry
+from ci_controller.envcache import NO_CACHE, EnvPlan, requirements_sha256
+from ci_controller.envstore import EnvStore
 from ci_controller.follower import OutputFollower
 from ci_controller.outcome import (
     RunFacts,
@@ -104,8 +106,12 @@ class JobSupervisor:
                  on_engine_down: Callable[[RuntimeUnavailable], None] = lambda exc: None,
                  on_lease_lost: Callable[[LeaseLost], None] = lambda exc: None,
                  on_started: Callable[[float], None] = lambda latency_s: None,
-                 claimed_at: float | None = None) -> None:
+                 claimed_at: float | None = None, env_store: EnvStore | None = None) -> None:
         self.job = job
+        self._env_store = env_store
+        self._env_plan: EnvPlan | None = None  # None: adopted (the store finds its entry)
+        self._env_sha256 = ""
+        self._env_settled = False
         self._fence = fence
         self._on_lease_lost = on_lease_lost
         self._settings = settings
@@ -198,7 +204,16 @@ class JobSupervisor:
                           self.job_id)
             self._detach_follower()
         finally:
+            if not self._env_settled and self._env_plan is not None and self._env_store:
+                self._env_store.release(self._env_plan)  # the next supervisor settles it
             self._on_done(self)
+
+    def _settle_env(self, phases: list[str]) -> None:
+        """Record what became of the job's environment (see envstore.EnvStore.settle)."""
+        if self._env_store is None or self._env_settled:
+            return
+        self._env_settled = True
+        self._env_store.settle(self.job, self._env_plan, phases)
 
     def _detach_follower(self) -> None:
         if self._follower is not None:
@@ -217,12 +232,18 @@ class JobSupervisor:
             for leftover in self._runtime.list(self._own_labels(job)):
                 self._runtime.remove(leftover.id)
             archive = self._repository.get_archive(job.id)
+            self._env_plan = NO_CACHE  # a fresh start: never settled as an adopted job
+            if self._env_store is not None:
+                sha256 = requirements_sha256(archive)
+                self._env_sha256 = sha256 or ""
+                self._env_plan = self._env_store.prepare(job, sha256)
             container_id = self._create(job)
             self._runtime.put_files(container_id, {RUNNER_PATH: runner_source(),
                                                    ARCHIVE_PATH: archive})
             self._runtime.start(container_id)
         except RuntimeUnavailable as exc:
             self._remove_quietly(container_id)
+            self._settle_env([])
             self._repository.release_job(job.id, fence=self._fence)
             log.warning("job %s: released back to the queue: %s", job.id, exc.message)
             self._on_engine_down(exc)
@@ -231,6 +252,7 @@ class JobSupervisor:
             self._remove_quietly(container_id)
             outcome = start_failed(exc.message)
             self._finish(outcome)
+            self._settle_env([])
             return
         self.start_latency_s = time.monotonic() - self._claimed_at
         self._on_started(self.start_latency_s)
@@ -259,7 +281,9 @@ class JobSupervisor:
     def _create(self, job: Job) -> str:
         """Create the job's container, replacing one a killed controller's late request made."""
         spec = job_container_spec(self._settings, job.id, self._installation_id,
-                                  pytest_args=job.pytest_args, python_version=job.python_version)
+                                  pytest_args=job.pytest_args, python_version=job.python_version,
+                                  env=self._env_plan or NO_CACHE,
+                                  requirements_sha256=self._env_sha256)
         try:
             return self._runtime.create(spec)
         except RuntimeUnavailable:
@@ -347,6 +371,9 @@ class JobSupervisor:
             cancelled=self._cancelled,
             container_missing=state is None,
         )
+        # The environment first: once the user sees the result, a next job can start from it
+        # (and a controller stopped right after the result loses no finished build).
+        self._settle_env(follower.phases)
         self._finish(decide_outcome(facts))
         if not exit_watch.exited.wait(self._settings.cancel_grace_s):
             log.warning("job %s: the runner reported but its container did not exit; killing "

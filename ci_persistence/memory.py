@@ -18,6 +18,9 @@ from ci_common.errors import AlreadyExists, NotFound
 from ci_common.models import (
     ApiKey,
     ControllerLease,
+    EnvEntry,
+    EnvKey,
+    EnvState,
     EventKind,
     Fence,
     Job,
@@ -45,6 +48,7 @@ from ci_persistence.policy import (
     check_terminal,
     controller_lost_outcome,
     end_event_text,
+    env_lru_order,
     lease_lost,
 )
 from ci_persistence.timefmt import as_utc
@@ -83,6 +87,7 @@ class InMemoryRepository:
         self._email_index: dict[str, str] = {}
         self._keys: dict[str, _KeyRow] = {}
         self._jobs: dict[str, Job] = {}
+        self._envs: dict[str, EnvEntry] = {}
         self._archives: dict[str, bytes] = {}
         self._junit: dict[str, str] = {}
         self._next_seq: dict[str, int] = {}
@@ -224,7 +229,8 @@ class InMemoryRepository:
 
     # ----------------------------------------------------------------- jobs (server side)
     def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
-                   pytest_args: Sequence[str] = (), python_version: str | None = None) -> Job:
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
+                   no_cache: bool = False) -> Job:
         """Store the archive and a queued job with its first STATUS event."""
         with self._lock:
             self._user(user_id)
@@ -233,7 +239,8 @@ class InMemoryRepository:
                       success=None, reason=None, timeout_seconds=timeout_seconds,
                       archive_size=len(archive), controller_id=None, container_id=None,
                       cancel_requested=False, log_cursor=0, output_bytes=0, dropped_bytes=0,
-                      pytest_args=tuple(pytest_args), python_version=python_version)
+                      pytest_args=tuple(pytest_args), python_version=python_version,
+                      no_cache=no_cache)
             self._jobs[job.id] = job
             self._archives[job.id] = bytes(archive)
             self._next_seq[job.id] = 1
@@ -598,6 +605,85 @@ class InMemoryRepository:
         with self._lock:
             found = [self._lease(controller_id) for controller_id in sorted(self._leases)]
         return [lease for lease in found if lease is not None]
+
+    # ----------------------------------------------------------------- environment cache
+    def begin_env(self, key: EnvKey, volume: str, job_id: str, now: datetime) -> EnvEntry:
+        """Record a build about to start: state building."""
+        entry = EnvEntry(id=str(uuid.uuid4()), key=key, volume=volume, state=EnvState.BUILDING,
+                         job_id=job_id, python_version="", size_bytes=0, created_at=as_utc(now),
+                         built_at=None, last_used_at=None)
+        with self._lock:
+            if any(other.volume == volume for other in self._envs.values()):
+                raise AlreadyExists(f"volume {volume} is already recorded")
+            self._envs[entry.id] = entry
+            self._changed()
+        return entry
+
+    def find_env(self, key: EnvKey) -> EnvEntry | None:
+        """The newest ready entry of this key."""
+        with self._lock:
+            ready = [e for e in self._envs.values() if e.key == key and e.state is EnvState.READY]
+        return max(ready, key=lambda e: (e.built_at or e.created_at, e.id), default=None)
+
+    def env_built(self, entry_id: str, python_version: str, size_bytes: int,
+                  now: datetime) -> EnvEntry | None:
+        """building → ready, retiring the other ready entries of its key; atomic."""
+        with self._lock:
+            entry = self._envs.get(entry_id)
+            if entry is None or entry.state is not EnvState.BUILDING:
+                return None
+            for other in list(self._envs.values()):
+                if other.key == entry.key and other.state is EnvState.READY:
+                    self._envs[other.id] = replace(other, state=EnvState.REMOVING)
+            entry = replace(entry, state=EnvState.READY, python_version=python_version,
+                            size_bytes=size_bytes, built_at=as_utc(now),
+                            last_used_at=as_utc(now))
+            self._envs[entry_id] = entry
+            self._changed()
+            return entry
+
+    def touch_env(self, entry_id: str, now: datetime) -> None:
+        """last_used_at = now."""
+        with self._lock:
+            entry = self._envs.get(entry_id)
+            if entry is not None:
+                self._envs[entry_id] = replace(entry, last_used_at=as_utc(now))
+
+    def retire_envs(self, entry_ids: Sequence[str]) -> None:
+        """Mark entries removing."""
+        with self._lock:
+            for entry_id in entry_ids:
+                entry = self._envs.get(entry_id)
+                if entry is not None:
+                    self._envs[entry_id] = replace(entry, state=EnvState.REMOVING)
+            self._changed()
+
+    def prune_envs(self, user_id: str | None = None) -> list[EnvEntry]:
+        """Mark every (or one user's) entry removing; returns those it marked."""
+        marked = []
+        with self._lock:
+            for entry in list(self._envs.values()):
+                if entry.state is EnvState.REMOVING:
+                    continue
+                if user_id is None or entry.key.user_id == user_id:
+                    entry = replace(entry, state=EnvState.REMOVING)
+                    self._envs[entry.id] = entry
+                    marked.append(entry)
+            self._changed()
+        return sorted(marked, key=env_lru_order)
+
+    def list_envs(self, engine_id: str | None = None) -> list[EnvEntry]:
+        """Every (or one engine's) entry, least recently used first."""
+        with self._lock:
+            entries = [e for e in self._envs.values()
+                       if engine_id is None or e.key.engine_id == engine_id]
+        return sorted(entries, key=env_lru_order)
+
+    def delete_env(self, entry_id: str) -> None:
+        """Forget an entry."""
+        with self._lock:
+            if self._envs.pop(entry_id, None) is not None:
+                self._changed()
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -11,6 +11,7 @@ from datetime import datetime
 from ci_common.errors import ControllerIdInUse, LeaseLost
 from ci_common.models import (
     ControllerLease,
+    EnvEntry,
     Fence,
     Job,
     JobOutcome,
@@ -24,6 +25,11 @@ from ci_common.wire import EndData
 CANCELLED_BY_USER = "cancelled by user"
 CONTROLLER_LOST = "controller lost"
 POLL_BATCH = 5000  # events per poll_events call: one call stays bounded, the caller loops
+
+
+def env_lru_order(entry: EnvEntry) -> tuple[datetime, str]:
+    """Sort key of cached environments: least recently used (or built, or begun) first."""
+    return (entry.last_used_at or entry.built_at or entry.created_at, entry.id)
 
 
 def cancelled_outcome() -> JobOutcome:

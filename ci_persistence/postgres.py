@@ -32,6 +32,8 @@ from ci_common.errors import AlreadyExists, NotFound
 from ci_common.models import (
     ApiKey,
     ControllerLease,
+    EnvEntry,
+    EnvKey,
     EventKind,
     Fence,
     Job,
@@ -62,14 +64,17 @@ from ci_persistence.policy import (
     check_terminal,
     controller_lost_outcome,
     end_event_text,
+    env_lru_order,
     lease_lost,
 )
 from ci_persistence.rows import (
+    ENV_COLUMNS,
     EVENT_COLUMNS,
     JOB_COLUMNS,
     KEY_SELECT,
     LEASE_SELECT,
     USER_COLUMNS,
+    env_from_row,
     event_from_row,
     job_from_row,
     key_from_row,
@@ -262,7 +267,8 @@ class PostgresRepository:
 
     # ----------------------------------------------------------------- jobs (server side)
     def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
-                   pytest_args: Sequence[str] = (), python_version: str | None = None) -> Job:
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
+                   no_cache: bool = False) -> Job:
         """Store the archive and a queued job with its first STATUS event, atomically."""
         job_id = str(uuid.uuid4())
 
@@ -271,10 +277,10 @@ class PostgresRepository:
             if cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
                 raise NotFound(f"user {user_id} not found")
             cur.execute("INSERT INTO jobs (id, user_id, status, created_at, timeout_seconds, "
-                        "archive_size, pytest_args, python_version) "
-                        "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s)",
+                        "archive_size, pytest_args, python_version, no_cache) "
+                        "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s)",
                         (job_id, user_id, utcnow(), timeout_seconds, len(archive),
-                         pytest_args_to_json(pytest_args), python_version))
+                         pytest_args_to_json(pytest_args), python_version, no_cache))
             cur.execute("INSERT INTO job_archives (job_id, data) VALUES (%s, %s)",
                         (job_id, bytes(archive)))
             _append_event(cur, job_id, EventKind.STATUS, JobStatus.QUEUED.value)
@@ -581,6 +587,88 @@ class PostgresRepository:
     def list_leases(self) -> list[ControllerLease]:
         """Every registered controller id, by id."""
         return [lease_from_row(row) for row in self._db.query(f"{LEASE_SELECT} ORDER BY c.id")]
+
+    # ----------------------------------------------------------------- environment cache
+    def begin_env(self, key: EnvKey, volume: str, job_id: str, now: datetime) -> EnvEntry:
+        """Record a build about to start: state building."""
+        entry_id = str(uuid.uuid4())
+
+        def work(cur: Cursor) -> EnvEntry:
+            try:
+                row = cur.execute(
+                    "INSERT INTO env_cache (id, user_id, engine_id, image_id, "
+                    "requirements_sha256, volume, state, job_id, created_at) "
+                    f"VALUES (%s, %s, %s, %s, %s, %s, 'building', %s, %s) RETURNING {ENV_COLUMNS}",
+                    (entry_id, key.user_id, key.engine_id, key.image_id,
+                     key.requirements_sha256, volume, job_id, as_utc(now))).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise AlreadyExists(f"volume {volume} is already recorded") from None
+            assert row is not None
+            return env_from_row(row)
+
+        return self._db.write(work)
+
+    def find_env(self, key: EnvKey) -> EnvEntry | None:
+        """The newest ready entry of this key."""
+        rows = self._db.query(
+            f"SELECT {ENV_COLUMNS} FROM env_cache WHERE user_id = %s AND engine_id = %s "
+            "AND image_id = %s AND requirements_sha256 = %s AND state = 'ready' "
+            "ORDER BY built_at DESC, id DESC LIMIT 1",
+            (key.user_id, key.engine_id, key.image_id, key.requirements_sha256))
+        return env_from_row(rows[0]) if rows else None
+
+    def env_built(self, entry_id: str, python_version: str, size_bytes: int,
+                  now: datetime) -> EnvEntry | None:
+        """building → ready, retiring the other ready entries of its key; atomic."""
+
+        def work(cur: Cursor) -> EnvEntry | None:
+            # The row lock orders this against a prune or a second build of the same key.
+            row = cur.execute(f"SELECT {ENV_COLUMNS} FROM env_cache WHERE id = %s FOR UPDATE",
+                              (entry_id,)).fetchone()
+            if row is None or row["state"] != "building":
+                return None
+            key = env_from_row(row).key
+            cur.execute(
+                "UPDATE env_cache SET state = 'removing' WHERE user_id = %s AND engine_id = %s "
+                "AND image_id = %s AND requirements_sha256 = %s AND state = 'ready'",
+                (key.user_id, key.engine_id, key.image_id, key.requirements_sha256))
+            done = cur.execute(
+                "UPDATE env_cache SET state = 'ready', python_version = %s, size_bytes = %s, "
+                f"built_at = %s, last_used_at = %s WHERE id = %s RETURNING {ENV_COLUMNS}",
+                (python_version, size_bytes, as_utc(now), as_utc(now), entry_id)).fetchone()
+            return None if done is None else env_from_row(done)
+
+        return self._db.write(work)
+
+    def touch_env(self, entry_id: str, now: datetime) -> None:
+        """last_used_at = now."""
+        self._db.write(lambda cur: cur.execute(
+            "UPDATE env_cache SET last_used_at = %s WHERE id = %s", (as_utc(now), entry_id)))
+
+    def retire_envs(self, entry_ids: Sequence[str]) -> None:
+        """Mark entries removing."""
+        self._db.write(lambda cur: cur.execute(
+            "UPDATE env_cache SET state = 'removing' WHERE id = ANY(%s)", (list(entry_ids),)))
+
+    def prune_envs(self, user_id: str | None = None) -> list[EnvEntry]:
+        """Mark every (or one user's) entry removing; returns those it marked."""
+        rows = self._db.write(lambda cur: cur.execute(
+            "UPDATE env_cache SET state = 'removing' WHERE state != 'removing' "
+            f"AND (%s::text IS NULL OR user_id = %s) RETURNING {ENV_COLUMNS}",
+            (user_id, user_id)).fetchall())
+        return sorted((env_from_row(row) for row in rows), key=env_lru_order)
+
+    def list_envs(self, engine_id: str | None = None) -> list[EnvEntry]:
+        """Every (or one engine's) entry, least recently used first."""
+        rows = self._db.query(
+            f"SELECT {ENV_COLUMNS} FROM env_cache WHERE (%s::text IS NULL OR engine_id = %s)",
+            (engine_id, engine_id))
+        return sorted((env_from_row(row) for row in rows), key=env_lru_order)
+
+    def delete_env(self, entry_id: str) -> None:
+        """Forget an entry."""
+        self._db.write(lambda cur: cur.execute("DELETE FROM env_cache WHERE id = %s",
+                                               (entry_id,)))
 
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -12,6 +12,9 @@ from typing import Any, Protocol
 from ci_common.models import (
     ApiKey,
     ControllerLease,
+    EnvEntry,
+    EnvKey,
+    EnvState,
     EventKind,
     Job,
     JobEvent,
@@ -28,7 +31,11 @@ JOB_COLUMNS = (
     "id, user_id, status, created_at, start_time, end_time, exit_code, success, reason, "
     "timeout_seconds, archive_size, controller_id, container_id, cancel_requested, log_cursor, "
     "output_bytes, dropped_bytes, report, pruned_at, pytest_args, python_version, "
-    "start_attempted_at"
+    "start_attempted_at, no_cache"
+)
+ENV_COLUMNS = (
+    "id, user_id, engine_id, image_id, requirements_sha256, volume, state, job_id, "
+    "python_version, size_bytes, created_at, built_at, last_used_at"
 )
 EVENT_COLUMNS = "job_id, seq, kind, stream, text, created_at"
 USER_COLUMNS = "id, name, email, is_active, created_at"
@@ -104,7 +111,19 @@ def job_from_row(row: Row) -> Job:
         pytest_args=pytest_args_from_json(row["pytest_args"]),
         python_version=row["python_version"],
         start_attempted_at=opt_from_text(row["start_attempted_at"]),
+        no_cache=bool(row["no_cache"]),
     )
+
+
+def env_from_row(row: Row) -> EnvEntry:
+    return EnvEntry(
+        id=row["id"],
+        key=EnvKey(user_id=row["user_id"], engine_id=row["engine_id"], image_id=row["image_id"],
+                   requirements_sha256=row["requirements_sha256"]),
+        volume=row["volume"], state=EnvState(row["state"]), job_id=row["job_id"],
+        python_version=row["python_version"], size_bytes=row["size_bytes"],
+        created_at=from_text(row["created_at"]), built_at=opt_from_text(row["built_at"]),
+        last_used_at=opt_from_text(row["last_used_at"]))
 
 
 def event_from_row(row: Row) -> JobEvent:

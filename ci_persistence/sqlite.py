@@ -16,6 +16,8 @@ from ci_common.errors import AlreadyExists, NotFound
 from ci_common.models import (
     ApiKey,
     ControllerLease,
+    EnvEntry,
+    EnvKey,
     EventKind,
     Fence,
     Job,
@@ -46,14 +48,17 @@ from ci_persistence.policy import (
     check_terminal,
     controller_lost_outcome,
     end_event_text,
+    env_lru_order,
     lease_lost,
 )
 from ci_persistence.rows import (
+    ENV_COLUMNS,
     EVENT_COLUMNS,
     JOB_COLUMNS,
     KEY_SELECT,
     LEASE_SELECT,
     USER_COLUMNS,
+    env_from_row,
     event_from_row,
     job_from_row,
     key_from_row,
@@ -228,7 +233,8 @@ class SqliteRepository:
 
     # ----------------------------------------------------------------- jobs (server side)
     def create_job(self, user_id: str, archive: bytes, timeout_seconds: float | None, *,
-                   pytest_args: Sequence[str] = (), python_version: str | None = None) -> Job:
+                   pytest_args: Sequence[str] = (), python_version: str | None = None,
+                   no_cache: bool = False) -> Job:
         """Store the archive and a queued job with its first STATUS event, atomically."""
         job_id = str(uuid.uuid4())
         with self._db.write() as conn:
@@ -236,9 +242,10 @@ class SqliteRepository:
                 raise NotFound(f"user {user_id} not found")
             conn.execute(
                 "INSERT INTO jobs (id, user_id, status, created_at, timeout_seconds, "
-                "archive_size, pytest_args, python_version) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                "archive_size, pytest_args, python_version, no_cache) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                 (job_id, user_id, to_text(utcnow()), timeout_seconds, len(archive),
-                 pytest_args_to_json(pytest_args), python_version))
+                 pytest_args_to_json(pytest_args), python_version, int(no_cache)))
             conn.execute("INSERT INTO job_archives (job_id, data) VALUES (?, ?)",
                          (job_id, sqlite3.Binary(archive)))
             _append_event(conn, job_id, EventKind.STATUS, JobStatus.QUEUED.value)
@@ -526,6 +533,83 @@ class SqliteRepository:
         """Every registered controller id, by id."""
         return [lease_from_row(row) for row in self._db.query(f"{LEASE_SELECT} ORDER BY c.id")]
 
+    # ----------------------------------------------------------------- environment cache
+    def begin_env(self, key: EnvKey, volume: str, job_id: str, now: datetime) -> EnvEntry:
+        """Record a build about to start: state building."""
+        entry_id = str(uuid.uuid4())
+        with self._db.write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO env_cache (id, user_id, engine_id, image_id, "
+                    "requirements_sha256, volume, state, job_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'building', ?, ?)",
+                    (entry_id, key.user_id, key.engine_id, key.image_id,
+                     key.requirements_sha256, volume, job_id, to_text(now)))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"volume {volume} is already recorded") from None
+            return _load_env(conn, entry_id)
+
+    def find_env(self, key: EnvKey) -> EnvEntry | None:
+        """The newest ready entry of this key."""
+        rows = self._db.query(
+            f"SELECT {ENV_COLUMNS} FROM env_cache WHERE user_id = ? AND engine_id = ? "
+            "AND image_id = ? AND requirements_sha256 = ? AND state = 'ready' "
+            "ORDER BY built_at DESC, id DESC LIMIT 1",
+            (key.user_id, key.engine_id, key.image_id, key.requirements_sha256))
+        return env_from_row(rows[0]) if rows else None
+
+    def env_built(self, entry_id: str, python_version: str, size_bytes: int,
+                  now: datetime) -> EnvEntry | None:
+        """building → ready, retiring the other ready entries of its key; atomic."""
+        with self._db.write() as conn:
+            rows = conn.execute(f"SELECT {ENV_COLUMNS} FROM env_cache WHERE id = ?",
+                                (entry_id,)).fetchall()
+            if not rows or rows[0]["state"] != "building":
+                return None
+            key = env_from_row(rows[0]).key
+            conn.execute(
+                "UPDATE env_cache SET state = 'removing' WHERE user_id = ? AND engine_id = ? "
+                "AND image_id = ? AND requirements_sha256 = ? AND state = 'ready'",
+                (key.user_id, key.engine_id, key.image_id, key.requirements_sha256))
+            conn.execute(
+                "UPDATE env_cache SET state = 'ready', python_version = ?, size_bytes = ?, "
+                "built_at = ?, last_used_at = ? WHERE id = ?",
+                (python_version, size_bytes, to_text(now), to_text(now), entry_id))
+            return _load_env(conn, entry_id)
+
+    def touch_env(self, entry_id: str, now: datetime) -> None:
+        """last_used_at = now."""
+        with self._db.write() as conn:
+            conn.execute("UPDATE env_cache SET last_used_at = ? WHERE id = ?",
+                         (to_text(now), entry_id))
+
+    def retire_envs(self, entry_ids: Sequence[str]) -> None:
+        """Mark entries removing."""
+        with self._db.write() as conn:
+            conn.executemany("UPDATE env_cache SET state = 'removing' WHERE id = ?",
+                             [(entry_id,) for entry_id in entry_ids])
+
+    def prune_envs(self, user_id: str | None = None) -> list[EnvEntry]:
+        """Mark every (or one user's) entry removing; returns those it marked."""
+        with self._db.write() as conn:
+            rows = conn.execute(
+                f"UPDATE env_cache SET state = 'removing' WHERE state != 'removing' "
+                f"AND (? IS NULL OR user_id = ?) RETURNING {ENV_COLUMNS}",
+                (user_id, user_id)).fetchall()
+        return sorted((env_from_row(row) for row in rows), key=env_lru_order)
+
+    def list_envs(self, engine_id: str | None = None) -> list[EnvEntry]:
+        """Every (or one engine's) entry, least recently used first."""
+        rows = self._db.query(
+            f"SELECT {ENV_COLUMNS} FROM env_cache WHERE (? IS NULL OR engine_id = ?)",
+            (engine_id, engine_id))
+        return sorted((env_from_row(row) for row in rows), key=env_lru_order)
+
+    def delete_env(self, entry_id: str) -> None:
+        """Forget an entry."""
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM env_cache WHERE id = ?", (entry_id,))
+
     # ----------------------------------------------------------------- events (relay)
     def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
         """A job's events with seq > after_seq, in order."""
@@ -561,6 +645,12 @@ def _user_jobs(user_id: str, status: JobStatus | None) -> tuple[str, tuple[str, 
 
 
 # --------------------------------------------------------------------- helpers (inside a txn)
+def _load_env(conn: sqlite3.Connection, entry_id: str) -> EnvEntry:
+    rows = conn.execute(f"SELECT {ENV_COLUMNS} FROM env_cache WHERE id = ?",
+                        (entry_id,)).fetchall()
+    return env_from_row(rows[0])
+
+
 def _load_job(conn: sqlite3.Connection, job_id: str, user_id: str | None = None) -> Job:
     row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None or (user_id is not None and row["user_id"] != user_id):

@@ -114,7 +114,8 @@ async def submit_job(request: Request, user: CurrentUser, repository: Repository
     job = await run_in_threadpool(
         lambda: repository.create_job(user.id, submission.archive, submission.timeout_seconds,
                                       pytest_args=submission.pytest_args,
-                                      python_version=submission.python_version))
+                                      python_version=submission.python_version,
+                                      no_cache=submission.no_cache))
     return JobCreated(id=job.id, status=job.status)
 
 

@@ -26,6 +26,7 @@ from ci_common.settings import Settings, format_size
 
 ARCHIVE_FIELD = "archive"
 TIMEOUT_FIELD = "timeout"
+NO_CACHE_FIELD = "no_cache"  # "true": install afresh, ignoring a cached environment
 PYTEST_ARGS_FIELD = "pytest_args"
 PYTHON_FIELD = "python"
 # Room for the multipart boundaries, part headers and the small fields around the archive.
@@ -59,6 +60,9 @@ def submission_openapi(max_timeout_s: float) -> dict[str, Any]:
                 PYTHON_FIELD: {"type": "string",
                                "description": "Python version to run on (GET /info lists "
                                               "them; default: the server's first)"},
+                NO_CACHE_FIELD: {"type": "boolean", "default": False,
+                                 "description": "install the requirements afresh instead of "
+                                                "starting from a cached environment"},
             },
         }}},
     }
@@ -72,6 +76,7 @@ class Submission:
     timeout_seconds: float | None
     pytest_args: tuple[str, ...] = ()
     python_version: str | None = None  # resolved: the requested one or the default
+    no_cache: bool = False
 
 
 def too_large_message(size: int, limit: int) -> str:
@@ -149,6 +154,20 @@ async def parse_form(request: Request, max_body_bytes: int) -> FormData:
             raise InvalidInput(exc.message) from None
 
 
+def parse_flag(name: str, raw: object) -> bool:
+    """An optional boolean form field: `true`/`false` (also 1/0, yes/no); absent is false."""
+    if raw is None:
+        return False
+    if not isinstance(raw, str):
+        raise InvalidInput(f"'{name}' must be a form field, not a file")
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise InvalidInput(f"'{name}' must be true or false, not {raw.strip()[:40]!r}")
+
+
 async def read_submission(request: Request, settings: Settings) -> Submission:
     """Parse the multipart body, counting bytes as they arrive; raise TooLarge or InvalidInput."""
     max_upload_bytes = settings.max_upload_bytes
@@ -168,12 +187,13 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
             _text_field(form.get(PYTEST_ARGS_FIELD), PYTEST_ARGS_FIELD)))
         python_version = settings.python_images().resolve(
             _text_field(form.get(PYTHON_FIELD), PYTHON_FIELD))
+        no_cache = parse_flag(NO_CACHE_FIELD, form.get(NO_CACHE_FIELD))
     finally:
         await form.close()
     if len(archive) > max_upload_bytes:
         raise TooLarge(too_large_message(len(archive), max_upload_bytes))
     return Submission(archive=archive, timeout_seconds=timeout_seconds,
-                      pytest_args=pytest_args, python_version=python_version)
+                      pytest_args=pytest_args, python_version=python_version, no_cache=no_cache)
 
 
 def _text_field(value: object, name: str) -> str | None:

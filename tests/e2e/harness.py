@@ -9,6 +9,7 @@ other's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -258,6 +259,7 @@ class Deployment:
         for process in reversed(self.processes):
             process.kill9()
         remove_labelled_containers(self.label())
+        remove_volumes(self.label(), self.container_prefix)
 
 
 def remove_labelled_containers(label: str, timeout: float = 30) -> None:
@@ -282,6 +284,21 @@ def remove_labelled_containers(label: str, timeout: float = 30) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"containers labelled {label} were not removed in time")
             time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def remove_volumes(label: str, name_prefix: str) -> None:
+    """Remove the volumes with the label (cached environments), or whose name starts with
+    name_prefix (one Docker made anew for a mount after its volume was removed)."""
+    client = docker.from_env()
+    try:
+        listed = [(client.api.volumes(filters=f) or {}).get("Volumes") or []
+                  for f in ({"label": label}, {"name": name_prefix})]
+        for volume in {v["Name"] for found in listed for v in found}:
+            if volume.startswith(name_prefix) or any(volume == v["Name"] for v in listed[0]):
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.api.remove_volume(volume, force=True)
     finally:
         client.close()
 

@@ -27,6 +27,7 @@ from ci_common.settings import Settings
 from ci_controller.docker_runtime import DockerRuntime
 from ci_controller.reconciler import Controller
 from ci_persistence.sqlite import SqliteRepository
+from tests.e2e.harness import remove_volumes
 from tests.leases import hold_lease
 
 pytestmark = pytest.mark.docker
@@ -140,6 +141,8 @@ def deployment(tmp_path: Path, runner_image: str, ca_bundle: str | None) -> Iter
             stop.set()
             thread.join(30)
         remove_containers(dep.repository.installation_id())
+        remove_volumes(f"ci.installation_id={dep.repository.installation_id()}",
+                       settings.container_prefix)  # its jobs' cached environments
         dep.repository.close()
 
 

@@ -30,6 +30,7 @@ from tests.e2e.harness import (
     numbered_lines_in,
     numbered_lines_test,
     remove_labelled_containers,
+    remove_volumes,
     submit_async,
     write_project,
 )
@@ -66,6 +67,7 @@ def outage_deployment(tmp_path: Path, runner_image: str, ca_bundle: str | None,
         for process in reversed(dep.processes):
             process.kill9()
         remove_labelled_containers(label)
+        remove_volumes(label, dep.container_prefix)
 
 
 def status_while_down(url: str, key: str) -> list[int]:

@@ -14,9 +14,18 @@ from click.testing import CliRunner, Result
 
 from ci_admin import actions, render
 from ci_admin.cli import cli
-from ci_common.errors import AuthenticationError, InvalidInput
+from ci_common.errors import AuthenticationError, InvalidInput, NotFound
 from ci_common.keys import choose_key, display_prefix, hash_key
-from ci_common.models import JobOutcome, JobStatus, StoredKey, User, utcnow
+from ci_common.models import (
+    EnvEntry,
+    EnvKey,
+    EnvState,
+    JobOutcome,
+    JobStatus,
+    StoredKey,
+    User,
+    utcnow,
+)
 from ci_common.retention import parse_age
 from ci_persistence.memory import InMemoryRepository
 from tests.leases import hold_lease
@@ -493,3 +502,52 @@ def test_ages_read_like_people_write_them() -> None:
     for bad in ("", "d", "-1d", "3y", "1e9999d"):
         with pytest.raises(InvalidInput):
             parse_age(bad)
+
+
+# --------------------------------------------------------------------------- environment cache
+def _cached(repo: InMemoryRepository, email: str, requirements: str, size: int) -> EnvEntry:
+    try:
+        user = repo.get_user_by_email(email)
+    except NotFound:
+        user = repo.create_user(email.split("@")[0], email)
+    key = EnvKey(user_id=user.id, engine_id="engine-abcdef123456", image_id="sha256:" + "c" * 64,
+                 requirements_sha256=requirements * 64)
+    entry = repo.begin_env(key, f"vol-{email}-{requirements}", "job-1", utcnow())
+    built = repo.env_built(entry.id, "3.11.2", size, utcnow())
+    assert built is not None
+    return built
+
+
+def test_cache_list_shows_entries_with_owner_size_and_key(repo: InMemoryRepository) -> None:
+    assert invoke(repo, "cache", "list").output == "No cached environments.\n"
+    first = _cached(repo, "ann@example.com", "a", 48 * 1024 * 1024)
+    _cached(repo, "bob@example.com", "b", 1024 * 1024)
+    result = invoke(repo, "cache", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["ENTRY", "USER", "STATE", "SIZE", "PYTHON", "REQUIREMENTS",
+                                "IMAGE", "ENGINE", "BUILT", "LAST", "USED"]
+    assert lines[2].split()[:7] == [first.id[:8], "ann@example.com", "ready", "48.0", "MB",
+                                    "3.11.2", "a" * 12]
+    assert lines[-1].startswith("2 ready, 49.0 MB")
+    listed = json.loads(invoke(repo, "cache", "list", "--json").output)
+    assert [(e["user_email"], e["state"], e["size_bytes"]) for e in listed] == [
+        ("ann@example.com", "ready", 48 * 1024 * 1024), ("bob@example.com", "ready", 1024 * 1024)]
+    assert listed[0]["volume"] == first.volume and listed[0]["built_at"]
+
+
+def test_cache_prune_marks_entries_of_one_user_or_all(repo: InMemoryRepository) -> None:
+    _cached(repo, "ann@example.com", "a", 1024 * 1024)
+    _cached(repo, "ann@example.com", "b", 1024 * 1024)
+    bob = _cached(repo, "bob@example.com", "a", 1024 * 1024)
+    result = invoke(repo, "cache", "prune", "--user", "ann@example.com")
+    assert result.exit_code == 0
+    assert result.output.startswith("Marked 2 cached environments for removal (2.0 MB)")
+    assert {e.key.user_id: e.state for e in repo.list_envs() if e.state is EnvState.READY} == {
+        bob.key.user_id: EnvState.READY}
+    assert invoke(repo, "cache", "prune", "--user", bob.key.user_id).output.startswith(
+        "Marked 1 cached environment for removal")
+    assert invoke(repo, "cache", "prune").output == "No cached environments to prune.\n"
+    missing = invoke(repo, "cache", "prune", "--user", "nobody@example.com")
+    assert missing.exit_code == 1
+    assert missing.output.strip() == "Error: user not found: nobody@example.com"

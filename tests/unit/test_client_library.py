@@ -282,13 +282,16 @@ def test_a_submit_that_may_have_arrived_is_not_sent_again() -> None:
 
 def test_submit_sends_the_archive_and_timeout_as_multipart() -> None:
     created = lambda r: httpx.Response(201, json={"id": JOB, "status": "queued"})  # noqa: E731
-    client, servers, _ = make_client([created])
+    client, servers, _ = make_client([created, created])
     assert client.submit(b"ZIPBYTES", timeout=90).id == JOB
     request = servers.requests[0]
     assert (request.method, request.url.path) == ("POST", "/jobs")
     body = request.read()
     assert b'name="archive"; filename="project.zip"' in body and b"ZIPBYTES" in body
     assert b'name="timeout"\r\n\r\n90.0\r\n' in body
+    assert b'name="no_cache"' not in body
+    client.submit(b"ZIPBYTES", no_cache=True)
+    assert b'name="no_cache"\r\n\r\ntrue\r\n' in servers.requests[1].read()
 
 
 def test_list_jobs_sends_paging() -> None:

@@ -17,6 +17,8 @@ import pytest
 from ci_common.errors import AlreadyExists, ControllerIdInUse, LeaseLost, NotFound
 from ci_common.models import (
     ControllerLease,
+    EnvKey,
+    EnvState,
     EventKind,
     Fence,
     Job,
@@ -1099,3 +1101,84 @@ def test_jobs_ahead_of_the_queue_snapshot_is_the_order_claims_take(repo: Reposit
         claimed.append(job.id)
     assert claimed == predicted
     assert jobs_ahead(repo.queue_snapshot()) == {}
+
+
+# --------------------------------------------------------------------------- environment cache
+def env_key(user: User, requirements: str = "a" * 64, image: str = "sha256:img",
+            engine: str = "engine-1") -> EnvKey:
+    return EnvKey(user_id=user.id, engine_id=engine, image_id=image,
+                  requirements_sha256=requirements)
+
+
+def test_job_remembers_no_cache(repo: Repository, user: User) -> None:
+    assert repo.create_job(user.id, b"zip", None).no_cache is False
+    job = repo.create_job(user.id, b"zip", None, no_cache=True)
+    assert job.no_cache is True and repo.get_job(job.id).no_cache is True
+
+
+def test_env_is_found_only_once_built_and_only_by_its_own_key(repo: Repository,
+                                                               user: User) -> None:
+    other_user = repo.create_user("Bob", "bob@example.com")
+    now = datetime.now(UTC)
+    key = env_key(user)
+    entry = repo.begin_env(key, "vol-1", "job-1", now)
+    assert entry.state is EnvState.BUILDING and entry.key == key and entry.volume == "vol-1"
+    assert repo.find_env(key) is None  # a build in progress is never used
+    built = repo.env_built(entry.id, "3.11.2", 1234, now + timedelta(seconds=5))
+    assert built is not None and built.state is EnvState.READY
+    assert (built.python_version, built.size_bytes, built.job_id) == ("3.11.2", 1234, "job-1")
+    assert is_aware_utc(built.built_at) and built.last_used_at == built.built_at
+    assert repo.find_env(key) == built
+    for different in (env_key(other_user), env_key(user, requirements="b" * 64),
+                      env_key(user, image="sha256:other"), env_key(user, engine="engine-2")):
+        assert repo.find_env(different) is None
+    with pytest.raises(AlreadyExists):
+        repo.begin_env(env_key(other_user), "vol-1", "job-2", now)
+
+
+def test_the_later_of_two_builds_of_one_key_wins_and_a_pruned_build_never_becomes_ready(
+        repo: Repository, user: User) -> None:
+    now = datetime.now(UTC)
+    key = env_key(user)
+    first = repo.begin_env(key, "vol-1", "job-1", now)
+    second = repo.begin_env(key, "vol-2", "job-2", now)
+    assert repo.env_built(first.id, "3.11.2", 10, now) is not None
+    assert repo.env_built(second.id, "3.11.2", 20, now + timedelta(seconds=1)) is not None
+    states = {e.volume: e.state for e in repo.list_envs()}
+    assert states == {"vol-1": EnvState.REMOVING, "vol-2": EnvState.READY}
+    found = repo.find_env(key)
+    assert found is not None and found.volume == "vol-2"
+    assert repo.env_built(second.id, "3.11.2", 20, now) is None  # not building any more
+    third = repo.begin_env(key, "vol-3", "job-3", now)
+    assert {e.volume for e in repo.prune_envs(user.id)} == {"vol-2", "vol-3"}
+    assert repo.env_built(third.id, "3.11.2", 30, now) is None
+    assert repo.find_env(key) is None
+
+
+def test_env_lru_order_touch_retire_prune_by_user_and_delete(repo: Repository,
+                                                             user: User) -> None:
+    other_user = repo.create_user("Bob", "bob@example.com")
+    start = datetime.now(UTC)
+    entries = []
+    for number, owner in enumerate((user, user, other_user)):
+        entry = repo.begin_env(env_key(owner, requirements=str(number) * 64, engine="e1"),
+                               f"vol-{number}", f"job-{number}", start)
+        built = repo.env_built(entry.id, "3.11.2", 100, start + timedelta(seconds=number))
+        assert built is not None
+        entries.append(built)
+    repo.begin_env(env_key(user, engine="e2"), "vol-elsewhere", "job-9", start)
+    repo.touch_env(entries[0].id, start + timedelta(seconds=10))
+    assert [e.volume for e in repo.list_envs("e1")] == ["vol-1", "vol-2", "vol-0"]
+    assert len(repo.list_envs()) == 4
+    repo.retire_envs([entries[1].id, "unknown"])
+    assert repo.find_env(entries[1].key) is None
+    pruned = repo.prune_envs(other_user.id)
+    assert [e.volume for e in pruned] == ["vol-2"]
+    assert all(e.state is EnvState.REMOVING for e in pruned)
+    assert repo.find_env(entries[0].key) is not None  # another user's prune left it alone
+    assert {e.volume for e in repo.prune_envs()} == {"vol-0", "vol-elsewhere"}
+    assert repo.prune_envs() == []
+    for entry in repo.list_envs():
+        repo.delete_env(entry.id)
+    repo.delete_env("unknown")
+    assert repo.list_envs() == []

@@ -51,6 +51,20 @@ def test_submit_creates_a_queued_job_with_the_archive(server: Server) -> None:
 def test_submit_without_timeout_uses_the_default(server: Server) -> None:
     job_id = server.submit()
     assert server.repo.get_job(job_id).timeout_seconds is None
+    assert server.repo.get_job(job_id).no_cache is False
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("true", True), ("1", True), ("false", False)])
+def test_submit_takes_no_cache(server: Server, raw: str, expected: bool) -> None:
+    response = upload(server.client, server.alice, project_zip(), no_cache=raw)
+    assert response.status_code == 201
+    assert server.repo.get_job(response.json()["id"]).no_cache is expected
+
+
+def test_submit_refuses_a_bad_no_cache(server: Server) -> None:
+    response = upload(server.client, server.alice, project_zip(), no_cache="maybe")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "'no_cache' must be true or false, not 'maybe'"
 
 
 @pytest.mark.parametrize("timeout", ["0", "-5", "soon", "nan", "inf"])
