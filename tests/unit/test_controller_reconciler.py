@@ -604,6 +604,8 @@ def test_run_forever_starts_a_new_job_quickly_and_stops_warm(
         job = submit(repo)
         wait_until(lambda: runtime.running_count() == 1, timeout=2)
         assert time.monotonic() - submitted < 0.5
+        # the running mark follows the container's start: stop only once it is recorded
+        wait_until(lambda: repo.get_job(job.id).status is JobStatus.RUNNING, timeout=2)
     finally:
         stop.set()
         loop.join(10)
