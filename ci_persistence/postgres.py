@@ -3,8 +3,8 @@
 Every method is one transaction (READ COMMITTED). Where SQLite serialises writers, PostgreSQL
 runs them side by side, so three things are done by hand:
 
-- Locks, always taken in one order: a job's advisory lock, the job's row, then controller rows
-  (in id order). Fenced writes hold the lease row FOR KEY SHARE until they commit; whatever
+- Locks, always taken in one order: the claim lock (claims only), a job's advisory lock, the
+  job's row, then controller rows (in id order). Fenced writes hold the lease row FOR KEY SHARE until they commit; whatever
   replaces a token (acquire_lease, take_over) takes it FOR UPDATE first, so no write checked
   against an old token commits after the token changed. Heartbeats (a plain UPDATE) conflict
   with neither.
@@ -13,8 +13,12 @@ runs them side by side, so three things are done by hand:
   order keeps each job's seqs increasing only because a transaction that writes a job's
   events takes the job's advisory lock before its first write, which is when PostgreSQL gives
   it its transaction id: a later writer of the job then always has a larger one.
-- Claiming: the fairest waiting row is locked FOR NO KEY UPDATE SKIP LOCKED, so concurrent
-  claimers pass over each other's choice instead of queueing on it.
+- Claiming: claims take turns on one transaction-scoped advisory lock before they choose, so
+  each counts the busy users with every earlier claim committed: the fairness between users
+  that SQLite's serialised writers give (without it, a claim that skipped another's locked
+  choice would count from before that claim and hand one user's burst most slots). A claim
+  is a few milliseconds, so controllers barely wait; the chosen row is still locked FOR NO KEY
+  UPDATE SKIP LOCKED, passing over rows other writers (a cancel, a take-over) hold.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ _CAP_BATCH = 500  # oldest OUTPUT events read per step while planning a log-cap 
 # Advisory lock spaces (the two-key form): "ci_j" for jobs, "ci_c" for controller ids.
 _JOB_LOCKS = 0x63695F6A
 _CONTROLLER_LOCKS = 0x63695F63
+_CLAIM_LOCK = (0x63695F71, 0)  # ("ci_q", 0): the one lock claims take turns on
 _TAKE_OVER_ATTEMPTS = 5
 _XID_SHIFT = 64  # a poll cursor is (xid << 64) | id: one int, ordered as (xid, id)
 
@@ -383,6 +388,9 @@ class PostgresRepository:
         """Atomically claim the fairest waiting job; None when nothing is waiting."""
 
         def work(cur: Cursor) -> Job | None:
+            # First, before any row lock (the lock order above): READ COMMITTED gives the
+            # next statement a snapshot taken after the previous claim committed.
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", _CLAIM_LOCK)
             chosen = cur.execute(_CLAIM_SQL).fetchone()
             claimed = None
             if chosen is not None:

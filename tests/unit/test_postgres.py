@@ -309,6 +309,43 @@ def test_claiming_threads_take_turns_between_users(repo: PostgresRepository) -> 
     assert [job.user_id for job in first_four if job] == [ada.id, bob.id, ada.id, bob.id]
 
 
+def test_claims_at_the_same_moment_still_take_turns_between_users(
+        repo: PostgresRepository, postgres_url: str) -> None:
+    """Several controllers claiming at once each see the claims committed before theirs.
+
+    Under READ COMMITTED a claim that only skipped the row another claim had locked would
+    count the busy users from before that claim, and take the same user's next job: one
+    user's burst would get most slots. Claims are serialised (a transaction-scoped advisory
+    lock), so eight at once give both users four each, as eight claims in a row do.
+    """
+    ada, bob = (repo.create_user(n, f"{n}@example.com") for n in ("ada", "bob"))
+    for _ in range(10):
+        repo.create_job(ada.id, b"zip", None)  # ada's burst is older: every tie is hers
+    for _ in range(10):
+        repo.create_job(bob.id, b"zip", None)
+    repos = [PostgresRepository(postgres_url) for _ in range(8)]
+    fences = [hold_lease(r, f"ctl{i}") for i, r in enumerate(repos)]
+    barrier = threading.Barrier(len(repos))
+    claimed: list[str] = []
+
+    def claim(index: int) -> None:
+        barrier.wait(timeout=TIMEOUT_S)
+        job = repos[index].claim_next_job(fences[index])
+        assert job is not None
+        claimed.append(job.user_id)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(repos))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+    finally:
+        for r in repos:
+            r.close()
+    assert sorted(claimed) == sorted([ada.id] * 4 + [bob.id] * 4)
+
+
 # --------------------------------------------------------------------------- migrations
 def test_migrations_are_recorded_and_reopening_applies_nothing(
         postgres_server: PostgresServer) -> None:
