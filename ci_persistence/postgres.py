@@ -4,10 +4,10 @@ Every method is one transaction (READ COMMITTED). Where SQLite serialises writer
 runs them side by side, so three things are done by hand:
 
 - Locks, always taken in one order: the claim lock (claims only), a job's advisory lock, the
-  job's row, then controller rows (in id order). Fenced writes hold the lease row FOR KEY SHARE until they commit; whatever
-  replaces a token (acquire_lease, take_over) takes it FOR UPDATE first, so no write checked
-  against an old token commits after the token changed. Heartbeats (a plain UPDATE) conflict
-  with neither.
+  job's row, then controller rows (in id order). Fenced writes hold the lease row FOR KEY
+  SHARE until they commit; whatever replaces a token (acquire_lease, take_over) takes it FOR
+  UPDATE first, so no write checked against an old token commits after the token changed.
+  Heartbeats (a plain UPDATE) conflict with neither.
 - Event order: poll_events reads in (writing transaction id, id) order, only the rows of
   transactions older than every one still running (see job_events in the migration). That
   order keeps each job's seqs increasing only because a transaction that writes a job's
