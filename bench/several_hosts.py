@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -158,10 +158,9 @@ def submissions(jobs: int, users: int) -> tuple[int, list[int]]:
     return burst, later
 
 
-def start_shares(views: dict[str, dict[str, Any]], owner: dict[str, str]
-                 ) -> tuple[dict[str, float], int]:
-    """Each user's share of the starts made while every user had a job waiting for a slot,
-    and how many starts that was.
+def judged_window(views: dict[str, dict[str, Any]], owner: dict[str, str]
+                  ) -> tuple[datetime, datetime]:
+    """While every user had a job waiting for a slot.
 
     From the first slot freed after every user had submitted (starts before it went to free
     slots, which the burst fills before the others arrive) until the first user's last start.
@@ -176,11 +175,35 @@ def start_shares(views: dict[str, dict[str, Any]], owner: dict[str, str]
     all_in = max(created.values())
     begin = min((end for end in (datetime.fromisoformat(v["end_time"]) for v in views.values())
                  if end >= all_in), default=all_in)
-    end = min(last_start.values())
+    return begin, min(last_start.values())
+
+
+def start_shares(views: dict[str, dict[str, Any]], owner: dict[str, str]
+                 ) -> tuple[dict[str, float], int]:
+    """Each user's share of the starts made in the judged window, and how many starts that was."""
+    begin, end = judged_window(views, owner)
     counts = Counter(owner[job_id] for job_id, view in views.items()
                      if begin <= datetime.fromisoformat(view["start_time"]) < end)
     total = sum(counts.values())
-    return {user: counts[user] / (total or 1) for user in sorted(by_user)}, total
+    return {user: counts[user] / (total or 1) for user in sorted(set(owner.values()))}, total
+
+
+def slot_shares(views: dict[str, dict[str, Any]], owner: dict[str, str]) -> dict[str, float]:
+    """Each user's share of the slot time (jobs running) in the judged window.
+
+    This is what the claim order decides: who holds the slots. Starts alone over-count a user
+    whose jobs are shorter (with the environment cache, the first user's jobs hit the cache on
+    every host while the others' first job per host still installs).
+    """
+    begin, end = judged_window(views, owner)
+    held: dict[str, float] = defaultdict(float)
+    for job_id, view in views.items():
+        start = max(datetime.fromisoformat(view["start_time"]), begin)
+        stop = min(datetime.fromisoformat(view["end_time"]), end)
+        if stop > start:
+            held[owner[job_id]] += (stop - start).total_seconds()
+    total = sum(held.values())
+    return {user: held[user] / (total or 1) for user in sorted(set(owner.values()))}
 
 
 def run_backend(backend: str, hosts: list[str], image: str, ca_bundle: str, jobs: int,
@@ -303,14 +326,18 @@ def load(dep: Deployment, workdir: Path, urls: list[str], people: list[User],
                         f"{[j for j, ok in rereads.items() if not ok][:5]}")
 
     shares, window = start_shares(views, owner)
+    held = slot_shares(views, owner)
+    print(f"  {dep.backend}: slot-time shares while all waited: "
+          + " / ".join(f"{share:.2f}" for share in held.values()), flush=True)
     fair = 1 / len(people)
-    unfair = {u: s for u, s in shares.items()
+    unfair = {u: s for u, s in held.items()
               if not FAIR_BAND[0] * fair <= s <= FAIR_BAND[1] * fair}
     if window < MIN_WINDOW_STARTS:
         print(f"  {dep.backend}: only {window} starts while all users waited: too few to "
               f"judge fairness (a larger --jobs)")
     elif unfair:
-        failures.append(f"unfair turns over {window} starts (fair share {fair:.2f}): {unfair}")
+        failures.append(f"unfair slot time over {window} starts (fair share {fair:.2f}): "
+                        f"{unfair}")
     spread = {host.rsplit("/", 2)[-2]: count
               for host, count in watch.hosts_of(set(owner)).items()}
     return submit_ms, line_ms, wall_s, shares, spread, window

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.several_hosts import start_shares, submissions
+import pytest
+
+from bench.several_hosts import slot_shares, start_shares, submissions
 from tests.e2e.hosts import lines_of, stamps_of
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,6 +38,8 @@ def test_shares_count_only_starts_after_a_slot_freed_with_everyone_waiting() -> 
     # Window [10, 21): a's start at 12, b's at 10.5 and 19.
     assert window == 3
     assert shares == {"a": 1 / 3, "b": 2 / 3}
+    # Slot time in the same window: a holds 1 (a1 until 11) + 8 (a2), b 7.5 (b0) + 2 (b1).
+    assert slot_shares(views, owner) == pytest.approx({"a": 9 / 18.5, "b": 9.5 / 18.5})
 
 
 def test_tagged_lines_are_read_in_order_with_their_print_times() -> None:
