@@ -145,6 +145,7 @@ class WaitingJob:
     id: str
     user_id: str
     created_at: datetime
+    turn: int = 0  # its user's last claim turn (0: never claimed): ties go to the lowest
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from ci_persistence.policy import (
     cancelled_outcome,
     check_lease_free,
     check_terminal,
+    claim_key,
     controller_lost_outcome,
     end_event_text,
     env_lru_order,
@@ -87,6 +88,7 @@ class InMemoryRepository:
         self._email_index: dict[str, str] = {}
         self._keys: dict[str, _KeyRow] = {}
         self._jobs: dict[str, Job] = {}
+        self._turns: dict[str, int] = {}  # user id → their last claim turn (policy.claim_key)
         self._envs: dict[str, EnvEntry] = {}
         self._archives: dict[str, bytes] = {}
         self._junit: dict[str, str] = {}
@@ -317,7 +319,8 @@ class InMemoryRepository:
                     busy[job.user_id] = busy.get(job.user_id, 0) + 1
                 elif (job.status is JobStatus.QUEUED and job.controller_id is None
                       and not job.cancel_requested):
-                    waiting.append(WaitingJob(job.id, job.user_id, job.created_at))
+                    waiting.append(WaitingJob(job.id, job.user_id, job.created_at,
+                                              self._turns.get(job.user_id, 0)))
         return QueueSnapshot(waiting=tuple(waiting), busy=busy)
 
     def prune_jobs(self, finished_before: datetime, *, dry_run: bool = False,
@@ -350,7 +353,7 @@ class InMemoryRepository:
 
     # ----------------------------------------------------------------- jobs (controller side)
     def claim_next_job(self, fence: Fence) -> Job | None:
-        """Claim the fairest waiting job (fewest busy jobs of its user, then oldest)."""
+        """Claim the fairest waiting job (policy.claim_key: fewest busy, oldest turn, oldest)."""
         with self._lock:
             self._check_lease(fence)
             busy: dict[str, int] = {}
@@ -362,7 +365,10 @@ class InMemoryRepository:
                        and not job.cancel_requested]
             if not waiting:
                 return None
-            chosen = min(waiting, key=lambda j: (busy.get(j.user_id, 0), j.created_at, j.id))
+            chosen = min(waiting, key=lambda j: claim_key(
+                WaitingJob(j.id, j.user_id, j.created_at), busy.get(j.user_id, 0),
+                self._turns.get(j.user_id, 0)))
+            self._turns[chosen.user_id] = max(self._turns.values(), default=0) + 1
             claimed = replace(chosen, controller_id=fence.controller_id)
             self._jobs[claimed.id] = claimed
             self._changed()

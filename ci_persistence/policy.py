@@ -128,17 +128,19 @@ class TakeOverFates:
                         cancelled=tuple(self.ids[Fate.CANCELLED]))
 
 
-def claim_key(job: WaitingJob, busy: int) -> tuple[int, datetime, str]:
-    """The claim order of every repository: fewest busy jobs of the user, oldest, then id."""
-    return (busy, job.created_at, job.id)
+def claim_key(job: WaitingJob, busy: int, turn: int) -> tuple[int, int, datetime, str]:
+    """The claim order of every repository: fewest busy jobs of the user; among users as busy,
+    the one whose last claim is oldest (`turn`, 0 for never: round robin); then oldest, id."""
+    return (busy, turn, job.created_at, job.id)
 
 
 def jobs_ahead(snapshot: QueueSnapshot, wanted: Collection[str] | None = None) -> dict[str, int]:
     """How many waiting jobs will be claimed before each one, if nothing else changes.
 
     Replays claim_next_job's choice: each claim takes the waiting job with the smallest
-    claim_key and makes its user one job busier. So a user's own jobs go in age order, and
-    a user who submits many waits between each for users with fewer busy jobs. Finished jobs
+    claim_key, makes its user one job busier and gives it the newest turn. So a user's own
+    jobs go in age order, and a user who submits many waits between each for users with fewer
+    busy jobs, or as many and an older turn. Finished jobs
     and new submissions change the answer; callers recompute when the database changed.
     With `wanted`, stops once all of those are placed. O(n log users).
     """
@@ -146,8 +148,11 @@ def jobs_ahead(snapshot: QueueSnapshot, wanted: Collection[str] | None = None) -
     for job in sorted(snapshot.waiting, key=lambda j: (j.created_at, j.id)):
         per_user.setdefault(job.user_id, []).append(job)
     busy = dict(snapshot.busy)
+    turns = {job.user_id: job.turn for job in snapshot.waiting}
+    last_turn = max(turns.values(), default=0)
     # One heap entry per user: the key of that user's oldest waiting job.
-    heap = [(claim_key(jobs[0], busy.get(user, 0)), user, 0) for user, jobs in per_user.items()]
+    heap = [(claim_key(jobs[0], busy.get(user, 0), turns[user]), user, 0)
+            for user, jobs in per_user.items()]
     heapq.heapify(heap)
     remaining = None if wanted is None else set(wanted)
     ahead: dict[str, int] = {}
@@ -158,8 +163,10 @@ def jobs_ahead(snapshot: QueueSnapshot, wanted: Collection[str] | None = None) -
         if remaining is not None:
             remaining.discard(job.id)
         busy[user] = busy.get(user, 0) + 1
+        last_turn += 1  # a claim gives its user the newest turn
+        turns[user] = last_turn
         if index + 1 < len(per_user[user]):
-            heapq.heappush(heap, (claim_key(per_user[user][index + 1], busy[user]), user,
-                                  index + 1))
+            heapq.heappush(heap, (claim_key(per_user[user][index + 1], busy[user], turns[user]),
+                                  user, index + 1))
     return ahead if wanted is None else {job_id: n for job_id, n in ahead.items()
                                          if job_id in wanted}

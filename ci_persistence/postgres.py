@@ -108,8 +108,9 @@ WITH busy AS (
     GROUP BY user_id
 )
 SELECT w.id FROM jobs w LEFT JOIN busy ON busy.user_id = w.user_id
+JOIN users u ON u.id = w.user_id
 WHERE w.status = 'queued' AND w.controller_id IS NULL AND NOT w.cancel_requested
-ORDER BY coalesce(busy.n, 0), w.created_at, w.id
+ORDER BY coalesce(busy.n, 0), u.claim_turn, w.created_at, w.id
 LIMIT 1
 FOR NO KEY UPDATE OF w SKIP LOCKED
 """
@@ -117,8 +118,8 @@ FOR NO KEY UPDATE OF w SKIP LOCKED
 # What the claim order depends on (see policy.jobs_ahead), for queue positions: the waiting
 # jobs (id set), then each busy user's count (id NULL), as _CLAIM_SQL reads them.
 _QUEUE_SQL = f"""
-SELECT id, user_id, created_at, 0 AS n FROM jobs
-WHERE status = 'queued' AND controller_id IS NULL AND NOT cancel_requested
+SELECT j.id, j.user_id, j.created_at, u.claim_turn AS n FROM jobs j JOIN users u ON u.id = j.user_id
+WHERE j.status = 'queued' AND j.controller_id IS NULL AND NOT j.cancel_requested
 UNION ALL
 SELECT NULL, user_id, NULL, count(*) FROM jobs
 WHERE controller_id IS NOT NULL AND status IN {_ACTIVE}
@@ -349,7 +350,8 @@ class PostgresRepository:
         """The waiting jobs and each user's busy count, in one statement's snapshot."""
         rows = self._db.query(_QUEUE_SQL)
         return QueueSnapshot(
-            waiting=tuple(WaitingJob(row["id"], row["user_id"], from_text(row["created_at"]))
+            waiting=tuple(WaitingJob(row["id"], row["user_id"], from_text(row["created_at"]),
+                                     int(row["n"]))
                           for row in rows if row["id"] is not None),
             busy={row["user_id"]: int(row["n"]) for row in rows if row["id"] is None})
 
@@ -397,6 +399,9 @@ class PostgresRepository:
                 claimed = job_from_row(_one(
                     cur, f"UPDATE jobs SET controller_id = %s WHERE id = %s "
                          f"RETURNING {JOB_COLUMNS}", (fence.controller_id, chosen["id"])))
+                # The newest turn for its user (policy.claim_key); safe under the claim lock.
+                cur.execute("UPDATE users SET claim_turn = (SELECT max(claim_turn) FROM users) "
+                            "+ 1 WHERE id = %s", (claimed.user_id,))
             _check_lease(cur, fence)  # after the job row: jobs before controllers, always
             return claimed
 

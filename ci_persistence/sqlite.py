@@ -86,19 +86,24 @@ AND id = (
         WHERE controller_id IS NOT NULL AND status IN {_ACTIVE}
         GROUP BY user_id
     ) busy ON busy.user_id = w.user_id
+    JOIN users u ON u.id = w.user_id
     WHERE w.status = 'queued' AND w.controller_id IS NULL AND w.cancel_requested = 0
-    ORDER BY coalesce(busy.n, 0), w.created_at, w.id
+    ORDER BY coalesce(busy.n, 0), u.claim_turn, w.created_at, w.id
     LIMIT 1
 )
 AND status = 'queued' AND controller_id IS NULL
 RETURNING {JOB_COLUMNS}
 """
 
+# A claim gives its user the newest turn (policy.claim_key); writers are serialised here.
+_TAKE_TURN_SQL = ("UPDATE users SET claim_turn = (SELECT max(claim_turn) FROM users) + 1 "
+                  "WHERE id = ?")
+
 # What the claim order depends on (see policy.jobs_ahead), for queue positions: the waiting
 # jobs (id set), then each busy user's count (id NULL), as _CLAIM_SQL reads them.
 _QUEUE_SQL = f"""
-SELECT id, user_id, created_at, 0 AS n FROM jobs
-WHERE status = 'queued' AND controller_id IS NULL AND cancel_requested = 0
+SELECT j.id, j.user_id, j.created_at, u.claim_turn AS n FROM jobs j JOIN users u ON u.id = j.user_id
+WHERE j.status = 'queued' AND j.controller_id IS NULL AND j.cancel_requested = 0
 UNION ALL
 SELECT NULL, user_id, NULL, count(*) FROM jobs INDEXED BY jobs_active
 WHERE controller_id IS NOT NULL AND status IN {_ACTIVE}
@@ -302,7 +307,8 @@ class SqliteRepository:
         """The waiting jobs and each user's busy count, in one read transaction."""
         rows = self._db.query(_QUEUE_SQL)  # one statement: one snapshot of both halves
         return QueueSnapshot(
-            waiting=tuple(WaitingJob(row["id"], row["user_id"], from_text(row["created_at"]))
+            waiting=tuple(WaitingJob(row["id"], row["user_id"], from_text(row["created_at"]),
+                                     int(row["n"]))
                           for row in rows if row["id"] is not None),
             busy={row["user_id"]: int(row["n"]) for row in rows if row["id"] is None})
 
@@ -339,6 +345,8 @@ class SqliteRepository:
                                             "token": fence.token}).fetchone()
             if row is None:
                 _check_lease(conn, fence)
+            else:
+                conn.execute(_TAKE_TURN_SQL, (row["user_id"],))
         return None if row is None else job_from_row(row)
 
     def mark_start_attempt(self, job_id: str, now: datetime, *, fence: Fence) -> Job:

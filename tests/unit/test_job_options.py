@@ -127,6 +127,15 @@ def test_jobs_ahead_replays_fair_claims_between_users() -> None:
     assert jobs_ahead(QueueSnapshot(waiting=(), busy={})) == {}
 
 
+def test_jobs_ahead_gives_ties_to_the_user_served_least_recently() -> None:
+    # ann's jobs are older, but bob's last claim (turn 1) is older than ann's (turn 2).
+    snapshot = QueueSnapshot(
+        waiting=(WaitingJob("a1", "ann", T0, 2), WaitingJob("a2", "ann", T0, 2),
+                 WaitingJob("b1", "bob", T0 + timedelta(seconds=5), 1)),
+        busy={"ann": 1, "bob": 1})
+    assert jobs_ahead(snapshot) == {"b1": 0, "a1": 1, "a2": 2}
+
+
 # ----------------------------------------------------------------------------- queue line
 def test_queue_text() -> None:
     assert [queue_text(n) for n in (3, 1, 0, None)] == [

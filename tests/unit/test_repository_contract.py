@@ -404,17 +404,32 @@ def test_claim_is_fair_between_users(repo: Repository, user: User) -> None:
 
 def test_finished_jobs_do_not_count_against_fairness(repo: Repository, user: User) -> None:
     bob = repo.create_user("Bob", "bob@example.com")
+    bob_running = repo.create_job(bob.id, b"zip", None)
+    assert repo.claim_next_job(hold_lease(repo, CTRL)).id == bob_running.id  # type: ignore[union-attr]
     first = repo.create_job(user.id, b"zip", None)
     repo.claim_next_job(hold_lease(repo, CTRL))
     repo.finish_job(first.id, PASSED, datetime.now(UTC), fence=owner_fence(repo, first.id))
     ada_next = new_jobs(repo, user, 1)[0]
-    bob_busy = new_jobs(repo, bob, 1)[0]
     bob_next = new_jobs(repo, bob, 1)[0]
-    # Ada's finished job is not busy, so she is level with Bob and her older job goes first;
-    # were it counted, Bob's job would.
+    # Ada's finished job is not busy, so she has fewer busy jobs than Bob and goes first; were
+    # it counted, they would be level and Bob, served longer ago, would.
     assert repo.claim_next_job(hold_lease(repo, CTRL)).id == ada_next.id  # type: ignore[union-attr]
-    assert repo.claim_next_job(hold_lease(repo, CTRL)).id == bob_busy.id  # type: ignore[union-attr]
     assert repo.claim_next_job(hold_lease(repo, CTRL)).id == bob_next.id  # type: ignore[union-attr]
+
+
+def test_a_tie_goes_to_the_user_served_least_recently(repo: Repository, user: User) -> None:
+    """Round robin among users as busy: not to the oldest job, which a long burst always has."""
+    bob = repo.create_user("Bob", "bob@example.com")
+    ada_jobs = new_jobs(repo, user, 3)
+    bob_jobs = new_jobs(repo, bob, 2)
+    fence = hold_lease(repo, CTRL)
+    claimed = [repo.claim_next_job(fence) for _ in range(3)]
+    assert [job.id for job in claimed if job] == [ada_jobs[0].id, bob_jobs[0].id, ada_jobs[1].id]
+    done = ada_jobs[0].id
+    repo.finish_job(done, PASSED, datetime.now(UTC), fence=owner_fence(repo, done))
+    # One busy job each now; Ada was claimed last, so Bob's turn, though her job is older.
+    assert repo.claim_next_job(fence).id == bob_jobs[1].id  # type: ignore[union-attr]
+    assert repo.claim_next_job(fence).id == ada_jobs[2].id  # type: ignore[union-attr]
 
 
 def test_claim_skips_cancelled_jobs(repo: Repository, user: User) -> None:
