@@ -22,8 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,6 +29,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.backends import database  # noqa: E402
 from ci_common.models import (  # noqa: E402
     Fence,
     JobOutcome,
@@ -102,21 +101,6 @@ def list_times(server: Process, key: str) -> tuple[float, float]:
                        capture_output=True, check=True, timeout=60)
         cli.append(time.perf_counter() - started)
     return statistics.median(api), statistics.median(cli)
-
-
-@contextmanager
-def database(backend: str) -> Iterator[str | None]:
-    """None for SQLite (the deployment's own file), else a fresh PostgreSQL database URL."""
-    if backend == "sqlite":
-        yield None
-        return
-    from tests.postgres import PostgresServer
-
-    server = PostgresServer().start()
-    try:
-        yield server.url(server.create_database(template=None))
-    finally:
-        server.stop()
 
 
 def measure(backend: str, seconds: float, history: int, image: str) -> list[str]:

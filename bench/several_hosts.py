@@ -36,9 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +48,7 @@ from httpx_sse import connect_sse
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.backends import database  # noqa: E402
 from tests.e2e.harness import Deployment, User, zip_project  # noqa: E402
 from tests.e2e.hosts import (  # noqa: E402
     EngineStarts,
@@ -60,7 +59,6 @@ from tests.e2e.hosts import (  # noqa: E402
     tagged_project,
     wait_terminal,
 )
-from tests.postgres import PostgresServer  # noqa: E402
 
 LINES = 10  # per job, 0.1 s apart
 RUN_DEADLINE_S = 1800.0
@@ -133,20 +131,6 @@ class LiveLog:
                                               for stamp in stamps_of(self.tag, chunk)]
         except Exception as exc:  # noqa: BLE001 - reported as a failed check
             self.error = repr(exc)
-
-
-@contextmanager
-def database(backend: str) -> Iterator[str | None]:
-    """None for SQLite (the deployment's one file), else a fresh PostgreSQL database's URL."""
-    if backend == "sqlite":
-        yield None
-        return
-    server = PostgresServer().start()
-    try:
-        server.create_template()
-        yield server.url(server.create_database())
-    finally:
-        server.stop()
 
 
 def submissions(jobs: int, users: int) -> tuple[int, list[int]]:
