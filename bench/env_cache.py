@@ -8,10 +8,17 @@ same run, interleaved so drift hits both sides alike:
 - fresh requirements (a miss: installs and caches) target ≤ 1.10 × the plain run
 - 4 jobs at once, unchanged requirements           target ≤ 1.5 × one such job; 4 plain runs at
   once are measured too (the machine may have fewer cores than jobs)
+
+Beside the times, the machine's CPU time (every core, every process: the `ci` clients, the
+services, the engine, the containers, the kernel) spent per hit and per four hits. Four jobs on
+`cores` cores cannot end sooner than 4 × (CPU per hit) / cores, however the work is arranged, so
+the report prints that floor next to the four-at-once time: when the time sits on the floor,
+the jobs ran side by side and only more cores (or less work per job) would bring it down.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import uuid
@@ -23,6 +30,21 @@ from tests.e2e.harness import Deployment, write_project
 
 TEST = "import iniconfig\n\ndef test_ok():\n    assert iniconfig.IniConfig\n"
 REQUIREMENTS = "pytest\niniconfig\n"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent on anything but idling so far (Linux /proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(field) for field in Path("/proc/stat").read_text().split(maxsplit=9)[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _busy(work: Callable[[], float]) -> tuple[float, float]:
+    """`work`'s seconds and the machine CPU seconds spent meanwhile."""
+    before = machine_busy_s()
+    seconds = work()
+    return seconds, machine_busy_s() - before
 
 
 def _submit(dep: Deployment, project: Path, key: str) -> float:
@@ -48,18 +70,24 @@ def measure(dep: Deployment, key: str, workdir: Path, runs: int,
     project = write_project(workdir / "cached", {"test_ok.py": TEST}, REQUIREMENTS)
     _submit(dep, project, key)  # builds the entry the unchanged runs start from
     docker_run(project)  # warm-up: page cache, the proxy's cache
-    hits, misses, plain = [], [], []
+    hits, misses, plain, hit_cpu = [], [], [], []
     for _ in range(runs):
-        hits.append(_submit(dep, project, key))
+        seconds, cpu = _busy(lambda: _submit(dep, project, key))
+        hits.append(seconds)
+        hit_cpu.append(cpu)
         fresh = write_project(workdir / f"fresh-{uuid.uuid4().hex[:8]}", {"test_ok.py": TEST},
                               REQUIREMENTS + f"# {uuid.uuid4().hex}\n")
         misses.append(_submit(dep, fresh, key))
         plain.append(docker_run(project))
-    four_hits = [_at_once(4, lambda: _submit(dep, project, key)) for _ in range(runs)]
+    fours = [_busy(lambda: _at_once(4, lambda: _submit(dep, project, key)))
+             for _ in range(runs)]
     four_plain = [_at_once(4, lambda: docker_run(project)) for _ in range(max(runs // 2, 1))]
     return {"hit": statistics.median(hits), "miss": statistics.median(misses),
-            "plain": statistics.median(plain), "four_hits": statistics.median(four_hits),
-            "four_plain": statistics.median(four_plain)}
+            "plain": statistics.median(plain),
+            "four_hits": statistics.median(seconds for seconds, _ in fours),
+            "four_plain": statistics.median(four_plain),
+            "hit_cpu": statistics.median(hit_cpu),
+            "four_hits_cpu": statistics.median(cpu for _, cpu in fours)}
 
 
 def report(figures: dict[str, float], runs: int) -> None:
@@ -74,3 +102,12 @@ def report(figures: dict[str, float], runs: int) -> None:
           f"{figures['four_hits'] / hit:5.2f} × one job (target ≤ 1.5)")
     print(f"  4 plain docker runs at once:              {figures['four_plain']:6.2f} s   "
           f"{figures['four_plain'] / plain:5.2f} × one plain run")
+    cores = os.cpu_count() or 1
+    floor = 4 * figures["hit_cpu"] / cores
+    four_busy = figures["four_hits_cpu"] / (cores * figures["four_hits"])
+    print(f"  machine CPU: {figures['hit_cpu']:.2f} CPU-s per hit alone; "
+          f"{figures['four_hits_cpu']:.2f} CPU-s for 4 hits at once "
+          f"({100 * four_busy:.0f} % of {cores} cores over those {figures['four_hits']:.2f} s)")
+    print(f"  floor for 4 hits on {cores} cores, 4 × CPU per hit / cores: {floor:6.2f} s   "
+          f"{floor / hit:5.2f} × one job; 1.5 × needs ≥ "
+          f"{4 * figures['hit_cpu'] / (1.5 * hit):.1f} cores at this CPU per hit")
