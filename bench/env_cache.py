@@ -14,6 +14,9 @@ services, the engine, the containers, the kernel) spent per hit and per four hit
 `cores` cores cannot end sooner than 4 × (CPU per hit) / cores, however the work is arranged, so
 the report prints that floor next to the four-at-once time: when the time sits on the floor,
 the jobs ran side by side and only more cores (or less work per job) would bring it down.
+(Other work on the machine counts too: the floor means something on a quiet machine only.)
+The same four-at-once figure for jobs whose test waits SLEEP_S (CPU-light, as tests waiting on
+I/O are) shows the side-by-side running itself, without the cores as the limit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from tests.e2e.harness import Deployment, write_project
 
 TEST = "import iniconfig\n\ndef test_ok():\n    assert iniconfig.IniConfig\n"
 REQUIREMENTS = "pytest\niniconfig\n"
+SLEEP_S = 2.0
+SLEEPING_TEST = f"import time\n\ndef test_waits():\n    time.sleep({SLEEP_S})\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -82,12 +87,17 @@ def measure(dep: Deployment, key: str, workdir: Path, runs: int,
     fours = [_busy(lambda: _at_once(4, lambda: _submit(dep, project, key)))
              for _ in range(runs)]
     four_plain = [_at_once(4, lambda: docker_run(project)) for _ in range(max(runs // 2, 1))]
+    # Same requirements, so the same cached environment: only the test differs.
+    sleeper = write_project(workdir / "sleeping", {"test_waits.py": SLEEPING_TEST}, REQUIREMENTS)
+    sleeps = [_submit(dep, sleeper, key) for _ in range(runs)]
+    four_sleeps = [_at_once(4, lambda: _submit(dep, sleeper, key)) for _ in range(runs)]
     return {"hit": statistics.median(hits), "miss": statistics.median(misses),
             "plain": statistics.median(plain),
             "four_hits": statistics.median(seconds for seconds, _ in fours),
             "four_plain": statistics.median(four_plain),
             "hit_cpu": statistics.median(hit_cpu),
-            "four_hits_cpu": statistics.median(cpu for _, cpu in fours)}
+            "four_hits_cpu": statistics.median(cpu for _, cpu in fours),
+            "sleep": statistics.median(sleeps), "four_sleeps": statistics.median(four_sleeps)}
 
 
 def report(figures: dict[str, float], runs: int) -> None:
@@ -102,6 +112,9 @@ def report(figures: dict[str, float], runs: int) -> None:
           f"{figures['four_hits'] / hit:5.2f} × one job (target ≤ 1.5)")
     print(f"  4 plain docker runs at once:              {figures['four_plain']:6.2f} s   "
           f"{figures['four_plain'] / plain:5.2f} × one plain run")
+    print(f"  one job, test sleeping {SLEEP_S:.0f} s:               {figures['sleep']:6.2f} s")
+    print(f"  4 such jobs at once:                      {figures['four_sleeps']:6.2f} s   "
+          f"{figures['four_sleeps'] / figures['sleep']:5.2f} × one such job")
     cores = os.cpu_count() or 1
     floor = 4 * figures["hit_cpu"] / cores
     four_busy = figures["four_hits_cpu"] / (cores * figures["four_hits"])
