@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.summary import Figure
+
 if TYPE_CHECKING:
     from ci_common.repository import Repository
 
@@ -137,3 +139,11 @@ def report(timings: dict[str, Timing], runs: int, history: int) -> None:
         over = "" if timing is base else f"  {timing.wall_s - base.wall_s:+6.3f} s vs baseline"
         mark = "" if timing is base else ("  ✓" if timing.wall_s <= TARGET_S else "  ✗")
         print(f"  {name:34s} {timing.wall_s:6.3f} s wall  {timing.cpu_s:6.3f} s CPU{over}{mark}")
+
+
+def figures(timings: dict[str, Timing]) -> list[Figure]:
+    """Each command's wall time against the target (the baseline is context, not a figure)."""
+    base = timings["python -c pass (baseline)"]
+    return [Figure(f"client start: {name}", f"{timing.wall_s:.3f} s (python -c pass "
+                   f"{base.wall_s:.3f} s)", f"≤ {TARGET_S} s", timing.wall_s <= TARGET_S)
+            for name, timing in timings.items() if timing is not base]

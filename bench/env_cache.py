@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.summary import Figure
 from tests.e2e.harness import Deployment, write_project
 
 TEST = "import iniconfig\n\ndef test_ok():\n    assert iniconfig.IniConfig\n"
@@ -124,3 +125,18 @@ def report(figures: dict[str, float], runs: int) -> None:
     print(f"  floor for 4 hits on {cores} cores, 4 × CPU per hit / cores: {floor:6.2f} s   "
           f"{floor / hit:5.2f} × one job; 1.5 × needs ≥ "
           f"{4 * figures['hit_cpu'] / (1.5 * hit):.1f} cores at this CPU per hit")
+
+
+def targets(figures: dict[str, float]) -> list[Figure]:
+    """The three cache figures issue #10 sets targets for."""
+    hit, miss, plain, four = (figures["hit"], figures["miss"], figures["plain"],
+                              figures["four_hits"])
+    return [
+        Figure("cache hit, submit → exit", f"{hit:.2f} s ({hit / plain:.2f} × plain run)",
+               "≤ 0.5 × plain docker run", hit / plain <= 0.5),
+        Figure("fresh requirements, submit → exit",
+               f"{miss:.2f} s ({miss / plain:.2f} × plain run)", "≤ 1.10 × plain docker run",
+               miss / plain <= 1.10),
+        Figure("4 cache hits at once", f"{four:.2f} s ({four / hit:.2f} × one hit)",
+               "≤ 1.5 × one hit", four / hit <= 1.5),
+    ]

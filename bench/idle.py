@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.backends import database  # noqa: E402
+from bench.summary import Figure  # noqa: E402
 from ci_common.models import (  # noqa: E402
     Fence,
     JobOutcome,
@@ -42,6 +44,7 @@ from tests.e2e.harness import Deployment, Process  # noqa: E402
 
 CI = Path(sys.executable).with_name("ci")
 SETTLE_S = 3.0
+IDLE_TARGET_PERCENT = 0.5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SEED_CONTROLLER = "bench-seeder"
 PASSED = JobOutcome(status=JobStatus.COMPLETED, exit_code=0, success=True, reason=None)
@@ -103,7 +106,24 @@ def list_times(server: Process, key: str) -> tuple[float, float]:
     return statistics.median(api), statistics.median(cli)
 
 
-def measure(backend: str, seconds: float, history: int, image: str) -> list[str]:
+@dataclass(frozen=True)
+class IdleRow:
+    """One deployment's idle figures."""
+
+    backend: str
+    history: int  # finished jobs in the database
+    replica_percent: float  # of one core
+    controller_percent: float
+    api_ms: float  # GET /jobs?limit=50, median
+    cli_s: float  # `ci list`, median
+
+    def __str__(self) -> str:
+        return (f"{self.backend:8} {self.history:>7} jobs: replica {self.replica_percent:5.2f} %, "
+                f"controller {self.controller_percent:5.2f} % of a core; "
+                f"GET /jobs {self.api_ms:5.1f} ms, ci list {self.cli_s:5.3f} s")
+
+
+def measure(backend: str, seconds: float, history: int, image: str) -> list[IdleRow]:
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-idle-"))
     try:
@@ -128,10 +148,8 @@ def measure(backend: str, seconds: float, history: int, image: str) -> list[str]
                     time.sleep(SETTLE_S)
                     server_cpu, controller_cpu = cpu_percent([server, controller], seconds)
                     api_ms, cli_s = list_times(server, key)
-                    rows.append(f"{backend:8} {jobs:>7} jobs: replica {server_cpu:5.2f} %, "
-                                f"controller {controller_cpu:5.2f} % of a core; "
-                                f"GET /jobs {api_ms:5.1f} ms, ci list {cli_s:5.3f} s")
-                    print("  " + rows[-1], flush=True)
+                    rows.append(IdleRow(backend, jobs, server_cpu, controller_cpu, api_ms, cli_s))
+                    print(f"  {rows[-1]}", flush=True)
             finally:
                 dep.close()
     finally:
@@ -139,7 +157,7 @@ def measure(backend: str, seconds: float, history: int, image: str) -> list[str]
     return rows
 
 
-def run(seconds: float, history: int, backends: list[str]) -> list[str]:
+def run(seconds: float, history: int, backends: list[str]) -> list[IdleRow]:
     """Every measurement; returns the report lines."""
     image = os.environ.get("CI_RUNNER_IMAGE") or subprocess.run(
         [str(REPO_ROOT / "scripts" / "ensure-docker")], check=True, capture_output=True,
@@ -150,11 +168,33 @@ def run(seconds: float, history: int, backends: list[str]) -> list[str]:
     return rows
 
 
-def report(rows: list[str], seconds: float) -> None:
+def report(rows: list[IdleRow], seconds: float) -> None:
     print(f"idle cost over {seconds:.0f} s (targets: each < 0.5 % of a core; history changes "
           "neither CPU nor list time):")
     for row in rows:
-        print("  " + row)
+        print(f"  {row}")
+
+
+LIST_NOISE = 1.25  # `ci list` with a long history may take this much of the empty time (noise)
+
+
+def figures(rows: list[IdleRow]) -> list[Figure]:
+    """Idle CPU of each service per row; `ci list` with the history against without."""
+    found = []
+    for row in rows:
+        where = f"{row.backend}, {row.history:,} jobs"
+        found += [Figure(f"idle replica, {where}", f"{row.replica_percent:.2f} % of a core",
+                         f"< {IDLE_TARGET_PERCENT} %", row.replica_percent < IDLE_TARGET_PERCENT),
+                  Figure(f"idle controller, {where}",
+                         f"{row.controller_percent:.2f} % of a core", f"< {IDLE_TARGET_PERCENT} %",
+                         row.controller_percent < IDLE_TARGET_PERCENT)]
+    for empty in (row for row in rows if row.history == 0):
+        for full in (row for row in rows if row.backend == empty.backend and row.history):
+            found.append(Figure(f"ci list, {full.backend}, {full.history:,} jobs vs none",
+                                f"{full.cli_s:.3f} s vs {empty.cli_s:.3f} s",
+                                f"≤ {LIST_NOISE} × (unchanged)",
+                                full.cli_s <= LIST_NOISE * empty.cli_s))
+    return found
 
 
 def main() -> None:

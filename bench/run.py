@@ -26,7 +26,9 @@
 `--only main|client-start|latency|idle|watchers|several-hosts|env-cache|all`
 (repeatable; `all` is main, env-cache, idle and watchers: every figure of issue #10) runs just those
 sections; sections 1–3 are `main` (`latency`: section 2 alone, on both backends), and
-sections 4–7 run only when named (they take minutes).
+sections 4–7 run only when named (they take minutes). Every run ends with one table of the
+headline figures it measured, each beside its issue #10 target and marked ✓ or ✗
+(bench/summary.py).
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import client_start, env_cache, idle, several_hosts, watchers  # noqa: E402
+from bench.backends import database  # noqa: E402
+from bench.summary import Figure, print_table  # noqa: E402
 from tests.e2e.harness import Deployment, write_project  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "calculator"
@@ -128,11 +133,13 @@ def main() -> None:
                          ["env-cache"] if args.env_cache else ["main"])
     if "all" in only:  # every figure of issue #10, one after the other
         only = ["main", "env-cache", "idle", "watchers"]
+    figures: list[Figure] = []
     for name in only:
-        SECTIONS[name](args)
+        figures += SECTIONS[name](args)
+    print_table(figures)
 
 
-def main_section(args: argparse.Namespace) -> None:
+def main_section(args: argparse.Namespace) -> list[Figure]:
     """Sections 1-3 against one deployment."""
     image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -141,8 +148,7 @@ def main_section(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle)
     if args.env_cache:
-        env_cache_only(dep, workdir, image, ca_bundle, args.runs)
-        return
+        return env_cache_only(dep, workdir, image, ca_bundle, args.runs)
     try:
         dep.start_controller()
         dep.start_server()
@@ -178,6 +184,15 @@ def main_section(args: argparse.Namespace) -> None:
           f"p95 {percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms   "
           f"(targets p50 ≤ 10 ms, max ≤ 100 ms)")
     client_start.report(starts, args.runs, history=0)
+    return [Figure("calculator, submit → exit vs docker run", f"{ours:.2f} s "
+                   f"({ours / theirs:.2f} × {theirs:.2f} s)", "≤ 1.10 ×", ours / theirs <= 1.10),
+            *latency_figures("sqlite", latencies), *client_start.figures(starts)]
+
+
+def latency_figures(backend: str, latencies: list[float]) -> list[Figure]:
+    p50, worst = percentile(latencies, 0.5), max(latencies)
+    return [Figure(f"line latency p50, {backend}", f"{p50:.1f} ms", "≤ 10 ms", p50 <= 10),
+            Figure(f"line latency max, {backend}", f"{worst:.1f} ms", "≤ 100 ms", worst <= 100)]
 
 
 def measure_client_start(dep: Deployment, project: Path, key: str,
@@ -195,7 +210,7 @@ def measure_client_start(dep: Deployment, project: Path, key: str,
 
 
 def env_cache_only(dep: Deployment, workdir: Path, image: str, ca_bundle: str | None,
-                   runs: int) -> None:
+                   runs: int) -> list[Figure]:
     try:
         dep.start_controller()
         dep.start_server()
@@ -206,9 +221,10 @@ def env_cache_only(dep: Deployment, workdir: Path, image: str, ca_bundle: str | 
         dep.close()
         shutil.rmtree(workdir, ignore_errors=True)
     env_cache.report(figures, runs)
+    return env_cache.targets(figures)
 
 
-def client_start_only(runs: int, history: int) -> None:
+def client_start_only(runs: int, history: int) -> list[Figure]:
     workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     dep = Deployment(workdir=workdir, runner_image="unused", ca_bundle=None)
     try:
@@ -228,18 +244,20 @@ def client_start_only(runs: int, history: int) -> None:
         dep.close()
         shutil.rmtree(workdir, ignore_errors=True)
     client_start.report(starts, runs, history)
+    return client_start.figures(starts)
 
 
-def latency_section(args: argparse.Namespace) -> None:
+def latency_section(args: argparse.Namespace) -> list[Figure]:
     """Section 2 alone: line latency of one watcher (`ci submit test`), on each backend."""
     image = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
     ca_bundle = subprocess.run([str(REPO_ROOT / "scripts" / "host-ca-bundle")], check=True,
                                capture_output=True, text=True).stdout.strip()
+    figures = []
     for backend in ("sqlite", "postgres"):
         workdir = Path(tempfile.mkdtemp(prefix="ci-bench-"))
         try:
-            with idle.database(backend) as url:
+            with database(backend) as url:
                 dep = Deployment(workdir=workdir, runner_image=image, ca_bundle=ca_bundle,
                                  database_url=url)
                 try:
@@ -257,24 +275,29 @@ def latency_section(args: argparse.Namespace) -> None:
         print(f"{backend}: line latency over {len(latencies)} lines: p50 "
               f"{percentile(latencies, 0.5):.1f} ms, p95 {percentile(latencies, 0.95):.1f} ms, "
               f"max {max(latencies):.1f} ms   (targets p50 ≤ 10 ms, max ≤ 100 ms)")
+        figures += latency_figures(backend, latencies)
+    return figures
 
 
-def idle_section(args: argparse.Namespace) -> None:
-    idle.report(idle.run(20.0, 10_000, ["sqlite", "postgres"]), 20.0)
+def idle_section(args: argparse.Namespace) -> list[Figure]:
+    rows = idle.run(20.0, 10_000, ["sqlite", "postgres"])
+    idle.report(rows, 20.0)
+    return idle.figures(rows)
 
 
-def watchers_section(args: argparse.Namespace) -> None:
+def watchers_section(args: argparse.Namespace) -> list[Figure]:
     for row in watchers.run(1000, 1000, "sqlite"):
         print(row)
+    return []
 
 
-SECTIONS = {
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "main": main_section,
     "client-start": lambda args: client_start_only(args.runs, args.history),
     "latency": latency_section,
     "idle": idle_section,
     "watchers": watchers_section,
-    "several-hosts": lambda args: sys.exit(0 if several_hosts.run(args.jobs) else 1),
+    "several-hosts": lambda args: [] if several_hosts.run(args.jobs) else sys.exit(1),
     "env-cache": lambda args: main_section(argparse.Namespace(**{**vars(args),
                                                                  "env_cache": True})),
 }

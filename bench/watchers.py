@@ -76,7 +76,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def run(count: int, lines: int, backend: str) -> list[str]:
     """The whole measurement; returns the report lines."""
-    from bench.idle import database
+    from bench.backends import database
 
     image = os.environ.get("CI_RUNNER_IMAGE") or subprocess.run(
         [str(REPO_ROOT / "scripts" / "ensure-docker")], check=True, capture_output=True,
