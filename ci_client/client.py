@@ -88,11 +88,15 @@ class _StreamDropped(Exception):
     """The event stream broke in a way a reconnect may fix (internal to stream_events)."""
 
 
-@dataclass(frozen=True, slots=True)
 class _Position:
     """Where a stream starts: the id of the server's opening message, which has no data."""
 
-    seq: int
+    # A plain class, not a dataclass: making a frozen dataclass costs each `ci` start about
+    # half a millisecond, and this one is internal to stream_events.
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
 
 
 class CIClient:
