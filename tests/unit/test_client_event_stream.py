@@ -1,5 +1,6 @@
-"""The event stream over plain http (http.client, no httpx) against a real local HTTP server,
-and `iter_sse`, the one reader of SSE bytes both transports share.
+"""The event stream against a real local HTTP server, read through http.client (what `ci`
+uses for plain http, without httpx) and through httpx (https, proxies), and `iter_sse`, the one
+reader of SSE bytes both transports share.
 
 The server speaks chunked HTTP/1.1 as the real one does and is deliberately dumb: it replays
 events the client already has, cuts a connection in the middle of a message, stalls. Every
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from ci_client.client import CIClient, ReconnectPolicy
@@ -137,18 +139,28 @@ class FakeTime:
         return self.now
 
 
-def plain_client(url: str, read_timeout_s: float = 5.0,
-                 policy: ReconnectPolicy | None = None) -> tuple[CIClient, FakeTime]:
-    fake = FakeTime()
-    client = CIClient(url, "ci_testkey", environ={}, read_timeout_s=read_timeout_s,
-                      reconnect=policy, sleep=fake.sleep, clock=fake.clock)
-    assert client._plain is not None  # the http.client path, not httpx
-    return client, fake
+Connect = Callable[..., tuple[CIClient, FakeTime]]
 
 
-# ------------------------------------------------------------------ the stream over http.client
+@pytest.fixture(params=["http.client", "httpx"])
+def connect(request: pytest.FixtureRequest) -> Connect:
+    """A client of one server URL over plain http, through http.client (what `ci` uses) or
+    through httpx (what https and proxies use): both must read a stream alike."""
+    def make(url: str, read_timeout_s: float = 5.0,
+             policy: ReconnectPolicy | None = None) -> tuple[CIClient, FakeTime]:
+        fake = FakeTime()
+        transport = None if request.param == "http.client" else httpx.HTTPTransport()
+        client = CIClient(url, "ci_testkey", transport, environ={},
+                          read_timeout_s=read_timeout_s, reconnect=policy, sleep=fake.sleep,
+                          clock=fake.clock)
+        assert (client._plain is not None) == (request.param == "http.client")
+        return client, fake
+    return make
+
+
+# ------------------------------------------------------------------ the stream
 def test_a_dropped_stream_resumes_after_its_last_event_without_duplicates_or_loss(
-        serve: Callable[[list[Script]], EventServer]) -> None:
+        serve: Callable[[list[Script]], EventServer], connect: Connect) -> None:
     events = job_events(10)  # seqs 1 … 13
 
     def opening_then_drop_mid_message(handler: Stream, last: int | None) -> None:
@@ -174,7 +186,7 @@ def test_a_dropped_stream_resumes_after_its_last_event_without_duplicates_or_los
         handler.finish_body()
 
     server = serve([opening_then_drop_mid_message, replay_then_end_early, the_rest])
-    client, fake = plain_client(server.url)
+    client, fake = connect(server.url)
     with client:
         got = list(client.stream_events(JOB, "start"))
     assert seqs(e for e in got if not isinstance(e, OutputEvent)) == [1, 2, 13]
@@ -191,7 +203,7 @@ def test_a_dropped_stream_resumes_after_its_last_event_without_duplicates_or_los
 
 
 def test_a_since_now_stream_dropped_before_any_event_resumes_where_it_opened(
-        serve: Callable[[list[Script]], EventServer]) -> None:
+        serve: Callable[[list[Script]], EventServer], connect: Connect) -> None:
     events = job_events(1)
 
     def opening_only(handler: Stream, last: int | None) -> None:
@@ -206,14 +218,14 @@ def test_a_since_now_stream_dropped_before_any_event_resumes_where_it_opened(
         handler.finish_body()
 
     server = serve([opening_only, from_last])
-    client, _ = plain_client(server.url)
+    client, _ = connect(server.url)
     with client:
         assert seqs(client.stream_events(JOB, "now")) == [3, 4]
     assert [headers.get("Last-Event-ID") for _, headers in server.requests] == [None, "2"]
 
 
 def test_keep_alive_comments_hold_a_quiet_stream_open(
-        serve: Callable[[list[Script]], EventServer]) -> None:
+        serve: Callable[[list[Script]], EventServer], connect: Connect) -> None:
     events = job_events(1)
 
     def quiet_for_a_while(handler: Stream, last: int | None) -> None:
@@ -226,14 +238,14 @@ def test_keep_alive_comments_hold_a_quiet_stream_open(
         handler.finish_body()
 
     server = serve([quiet_for_a_while])
-    client, fake = plain_client(server.url, read_timeout_s=0.4)
+    client, fake = connect(server.url, read_timeout_s=0.4)
     with client:
         assert seqs(client.stream_events(JOB)) == [1, 2, 3, 4]
     assert (len(server.requests), fake.sleeps) == (1, [])
 
 
 def test_a_silent_stream_is_a_read_timeout_and_is_given_up_in_the_end(
-        serve: Callable[[list[Script]], EventServer]) -> None:
+        serve: Callable[[list[Script]], EventServer], connect: Connect) -> None:
     def stall(handler: Stream, last: int | None) -> None:
         handler.start()
         handler.chunk(b": hello\r\n\r\n")
@@ -241,7 +253,7 @@ def test_a_silent_stream_is_a_read_timeout_and_is_given_up_in_the_end(
 
     server = serve([stall] * 10)
     policy = ReconnectPolicy(initial_delay_s=0.1, max_delay_s=2.0, give_up_after_s=1.0)
-    client, fake = plain_client(server.url, read_timeout_s=0.3, policy=policy)
+    client, fake = connect(server.url, read_timeout_s=0.3, policy=policy)
     with client, pytest.raises(ServerUnreachable) as info:
         list(client.stream_events(JOB))
     assert f"(read timeout from {server.url})" in info.value.message
@@ -249,7 +261,8 @@ def test_a_silent_stream_is_a_read_timeout_and_is_given_up_in_the_end(
     assert len(server.requests) == len(fake.sleeps) + 1 == 4
 
 
-def test_error_answers_to_a_stream_request(serve: Callable[[list[Script]], EventServer]) -> None:
+def test_error_answers_to_a_stream_request(serve: Callable[[list[Script]], EventServer],
+                                            connect: Connect) -> None:
     def not_found(handler: Stream, last: int | None) -> None:
         body = json.dumps({"detail": "job not found"}).encode()
         handler.send_response(404)
@@ -259,7 +272,7 @@ def test_error_answers_to_a_stream_request(serve: Callable[[list[Script]], Event
         handler.wfile.write(body)
 
     server = serve([not_found])
-    client, _ = plain_client(server.url)
+    client, _ = connect(server.url)
     with client, pytest.raises(NotFound, match=f"job {JOB} not found"):
         list(client.stream_events(JOB))
 
@@ -273,17 +286,17 @@ def test_error_answers_to_a_stream_request(serve: Callable[[list[Script]], Event
         handler.finish_body()
 
     server = serve([unavailable, html])
-    client, fake = plain_client(server.url)
+    client, fake = connect(server.url)
     with client, pytest.raises(ServerError, match="did not answer with an event stream"):
         list(client.stream_events(JOB))
     assert (len(server.requests), fake.sleeps) == (2, [0.1])  # a 503 is retried, HTML is not
 
 
-def test_nothing_listening_is_unreachable_after_the_backoff() -> None:
+def test_nothing_listening_is_unreachable_after_the_backoff(connect: Connect) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    client, _ = plain_client(url, policy=ReconnectPolicy(give_up_after_s=1.0))
+    client, _ = connect(url, policy=ReconnectPolicy(give_up_after_s=1.0))
     with client, pytest.raises(ServerUnreachable, match=f"cannot connect from {url}"):
         list(client.stream_events(JOB))
 
