@@ -1,7 +1,7 @@
 """The HTTP client library behind the `ci` command.
 
-`CIClient` speaks the API in docs/DESIGN.md over HTTP (plain requests through the transport seam
-of `ci_client.transport`, the event stream over httpx), returns the client's models of the
+`CIClient` speaks the API in docs/DESIGN.md over HTTP (requests and the event stream through
+the transport seam of `ci_client.transport`), returns the client's models of the
 answers (`ci_client.wire`, which a contract test holds to the server's `ci_common.wire`) and
 raises errors from `ci_common.errors`:
 
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 from ci_client.config import parse_server_urls
@@ -49,8 +49,8 @@ from ci_common.errors import (
 )
 from ci_common.statuses import JobStatus
 
-# httpx (and httpx_sse) is imported in the functions that need it, not here: plain http
-# requests do without it (issue #10; see ci_client.transport). Plain imports in functions, not
+# httpx is imported in the functions that need it, not here: plain http requests and event
+# streams do without it (issue #10; see ci_client.transport). Plain imports in functions, not
 # importlib's LazyLoader: this library may be used from several threads, and Python 3.11's
 # LazyLoader is not thread-safe.
 if TYPE_CHECKING:
@@ -88,23 +88,15 @@ class _StreamDropped(Exception):
     """The event stream broke in a way a reconnect may fix (internal to stream_events)."""
 
 
-@dataclass(frozen=True, slots=True)
 class _Position:
     """Where a stream starts: the id of the server's opening message, which has no data."""
 
-    seq: int
+    # A plain class, not a dataclass: making a frozen dataclass costs each `ci` start about
+    # half a millisecond, and this one is internal to stream_events.
+    __slots__ = ("seq",)
 
-
-class _HttpAnswer(Protocol):
-    """What error mapping reads of an answer (ours, or httpx's for the event stream)."""
-
-    @property
-    def status_code(self) -> int: ...
-    @property
-    def is_success(self) -> bool: ...
-    @property
-    def text(self) -> str: ...
-    def json(self) -> Any: ...
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
 
 
 class CIClient:
@@ -153,8 +145,9 @@ class CIClient:
             self._http.close()
 
     def _httpx(self) -> httpx.Client:
-        """The httpx client (created once): the event stream, and requests PlainTransport
-        cannot send; its SSL context is made here, so only when httpx is needed."""
+        """The httpx client (created once), for what PlainTransport cannot send (https,
+        proxies, test transports); its SSL context is made here, so only when httpx is
+        needed."""
         with self._http_lock:
             if self._http is None:
                 import httpx
@@ -299,10 +292,7 @@ class CIClient:
         the server URLs, and gives up with ServerUnreachable after `give_up_after_s` without a
         new event. Authentication errors and NotFound are raised at once.
         """
-        import httpx
-
         from ci_client.events import EndEvent, QueueEvent
-        from ci_client.httpx_transport import describe
 
         policy = self.reconnect
         last_seq: int | None = None
@@ -335,8 +325,8 @@ class CIClient:
                 failure = f"the stream from {base} ended before the job did"
             except _StreamDropped as exc:
                 failure = str(exc)
-            except httpx.TransportError as exc:
-                failure = f"{describe(exc)} from {base}"
+            except TransportError as exc:  # ConnectFailed too
+                failure = f"{exc.description} from {base}"
             if self._clock() + delay > give_up_at:
                 raise ServerUnreachable(
                     f"lost the event stream of job {job_id} ({failure}) and could not resume it "
@@ -350,28 +340,24 @@ class CIClient:
         self, base: str, job_id: str, since: Since, last_seq: int | None
     ) -> Iterator[JobStreamEvent | _Position]:
         """One connection's worth of events (possibly replaying some already seen)."""
-        from httpx_sse import connect_sse
+        from ci_client.events import iter_sse, parse_event
 
-        from ci_client.events import parse_event
-
-        headers = {} if last_seq is None else {"Last-Event-ID": str(last_seq)}
-        url = f"{base}/jobs/{job_id}/events"
-        with connect_sse(self._httpx(), "GET", url, params={"since": since},
-                         headers=headers) as src:
-            response = src.response
+        headers = {**self._headers, "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        if last_seq is not None:
+            headers["Last-Event-ID"] = str(last_seq)
+        url = f"{base}/jobs/{job_id}/events?{urlencode({'since': since})}"
+        with self._sender().stream("GET", url, headers) as response:
             if response.status_code >= 500:
-                response.read()
                 raise _StreamDropped(f"the CI server at {base} answered {response.status_code}")
-            if not response.is_success:
-                response.read()
-                raise_for_status(response, job_id)
+            if not 200 <= response.status_code < 300:
+                raise_for_status(response.read(), job_id)
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 raise ServerError(
                     f"{base} did not answer with an event stream (got {content_type or 'nothing'})"
                     "; is it a CI server?"
                 )
-            for sse in src.iter_sse():
+            for sse in iter_sse(response.iter_bytes()):
                 event = parse_event(sse)
                 if event is not None:
                     yield event
@@ -379,7 +365,7 @@ class CIClient:
                     yield _Position(int(sse.id))
 
 
-def raise_for_status(response: _HttpAnswer, job_id: str | None = None) -> None:
+def raise_for_status(response: Answer, job_id: str | None = None) -> None:
     """Raise the CIError matching an error answer; do nothing for a success."""
     if response.is_success:
         return
@@ -404,7 +390,7 @@ def raise_for_status(response: _HttpAnswer, job_id: str | None = None) -> None:
     raise error
 
 
-def error_detail(response: _HttpAnswer) -> str:
+def error_detail(response: Answer) -> str:
     """The one-line `detail` of an error answer (FastAPI validation lists joined), or ''."""
     try:
         body = response.json()

@@ -1,16 +1,19 @@
-"""Typed job events as the client reads them from the server's event stream.
+"""The server's event stream as the client reads it: SSE messages, then typed job events.
 
-Each Server-Sent Event carries `id: <seq>`, `event: status|output|end` and a JSON body from
-`ci_common.wire` (read with the client's decoders, `ci_client.wire`); `parse_event` turns one
-into a StatusEvent, OutputEvent or EndEvent. While the job waits,
-`event: queue` (no id of its own) becomes a QueueEvent.
+`iter_sse` turns the bytes of a `text/event-stream` body into ServerSentEvent messages, the
+same for every transport (http.client for plain http, httpx for https and proxies), so both
+read a stream alike. Each message carries `id: <seq>`, `event: status|output|end` and a JSON
+body from `ci_common.wire` (read with the client's decoders, `ci_client.wire`); `parse_event`
+turns one into a StatusEvent, OutputEvent or EndEvent. While the job waits, `event: queue`
+(no id of its own) becomes a QueueEvent.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from ci_client.wire import (
     SSE_EVENT_END,
@@ -26,15 +29,49 @@ from ci_common.errors import ServerError
 from ci_common.statuses import JobStatus, OutputStream
 
 
-class ServerSentEvent(Protocol):
-    """One message of an event stream (what httpx_sse's ServerSentEvent provides)."""
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One message of an event stream; `id` is the last id the stream set, even an earlier
+    message's (the SSE rule a reconnect's Last-Event-ID comes from)."""
 
-    @property
-    def event(self) -> str: ...
-    @property
-    def data(self) -> str: ...
-    @property
-    def id(self) -> str: ...
+    event: str = "message"
+    data: str = ""
+    id: str = ""
+
+
+def iter_sse(chunks: Iterable[bytes]) -> Iterator[ServerSentEvent]:
+    """The messages of a `text/event-stream` body arriving in `chunks` of any size.
+
+    As the WHATWG rules (and httpx_sse, which the client used before) read a stream: lines
+    end with CRLF, LF or CR; `:` starts a comment (the server's keep-alives); a blank line
+    ends a message, which is dispatched if it set anything (so a message of only an id, the
+    server's opening one, is one too); an unfinished message at the end is dropped.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""  # the start of a line whose end has not arrived yet
+    event, last_id = "", ""
+    data: list[str] = []
+    for chunk in chunks:
+        text = pending + decoder.decode(chunk)
+        # A CR at the very end may be the first half of a CRLF: keep it for the next chunk.
+        cut = len(text) - 1 if text.endswith("\r") else len(text)
+        lines = text[:cut].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        pending = lines.pop() + text[cut:]
+        for line in lines:
+            if not line:
+                if event or data or last_id:
+                    yield ServerSentEvent(event or "message", "\n".join(data), last_id)
+                event, data = "", []
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id" and "\0" not in value:
+                last_id = value
+            # comments (an empty name) and other fields (`retry`) mean nothing to this client
 
 
 @dataclass(frozen=True, slots=True)

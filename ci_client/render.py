@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
 
@@ -129,7 +128,7 @@ def job_details(job: JobView, tz: tzinfo | None = None) -> str:
         ("Duration", duration(job)),
         ("Python", job.python_version or "the server's default"),
         # pytest's arguments from `--`; a label no longer than the others keeps the column
-        ("Arguments", shlex.join(job.pytest_args) if job.pytest_args else "none"),
+        ("Arguments", _shell_words(job.pytest_args)),
     ]
     if job.pruned_at is not None:
         fields.append(("Output", f"removed {format_time(job.pruned_at, tz)} (retention)"))
@@ -153,3 +152,12 @@ def exit_code_for(success: bool | None) -> int:
     """The `ci` exit code for a job's result: 0 when its tests passed, 1 otherwise."""
     return 0 if success else 1
 
+
+
+def _shell_words(args: Sequence[str]) -> str:
+    """The arguments as a shell would take them back, `none` when there are none."""
+    if not args:
+        return "none"
+    import shlex  # noqa: PLC0415 - `ci show` only, not on `ci list`'s way (issue #10)
+
+    return shlex.join(args)

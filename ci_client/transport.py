@@ -1,15 +1,18 @@
-"""How the client sends one plain request (everything but the event stream), and gets its answer.
+"""How the client sends a request and reads its answer, whole or as a stream.
 
-    Transport.send(method, url, headers, body) → Answer       the seam, one method
+    Transport                                  the seam: two methods
+    ├── send(method, url, headers, body) → Answer          a whole answer
+    ├── stream(method, url, headers) → StreamingAnswer     its head, then its body as it comes
     ├── PlainTransport   the standard library's http.client: plain http:// without a proxy
     └── HttpxTransport   httpx (ci_client.httpx_transport): https://, proxies, test transports
 
 Importing httpx costs `ci` about as much as its whole start-up budget (issue #10); http.client
 is mostly loaded with the standard library anyway. So a command that only talks plain HTTP to
-its servers (`ci list`, the upload of `ci submit test`, `ci show`…) uses PlainTransport, and
-httpx is imported only where it earns its cost: TLS (and so an SSL context, created only for
-https URLs), proxies from the environment, the event stream (httpx_sse) and tests that hand
-the client an httpx transport. `choose_plain` is that decision, a pure function.
+its servers (`ci list`, `ci submit test` with its event stream, `ci wait`, `ci show`…) uses
+PlainTransport, and httpx is imported only where it earns its cost: TLS (and so an SSL
+context, created only for https URLs), proxies from the environment and tests that hand the
+client an httpx transport. `choose_plain` is that decision, a pure function. Both read an event
+stream's bytes the same way (ci_client.events.iter_sse).
 
 Errors, each with a short `description` for messages:
 
@@ -25,10 +28,14 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
+STREAM_READ_BYTES = 65536  # at most this much of a stream per read; less as soon as it arrives
 
 # Any of these may route plain-http requests through a proxy: then httpx, which honours them
 # (and NO_PROXY), sends the request, as it always did.
@@ -72,12 +79,38 @@ class Answer:
         return json.loads(self.content)
 
 
+class StreamingAnswer(Protocol):
+    """An answer whose head has arrived and whose body is read as it comes."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Names in lower case."""
+        ...
+
+    def read(self) -> Answer:
+        """The rest of the body, whole (for an error answer); TransportError if it breaks."""
+        ...
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """The body in pieces as they arrive, until it ends; TransportError if it breaks
+        (`read timeout` after the read timeout without a byte)."""
+        ...
+
+
 class Transport(Protocol):
-    """Sends one request and reads its whole answer."""
+    """Sends one request and reads its answer, whole or as a stream."""
 
     def send(self, method: str, url: str, headers: Mapping[str, str],
              body: bytes | None) -> Answer:
         """The answer to one request; TransportError (ConnectFailed) when there is none."""
+        ...
+
+    def stream(self, method: str, url: str,
+               headers: Mapping[str, str]) -> AbstractContextManager[StreamingAnswer]:
+        """The answer to one body-less request, open while the context lasts; TransportError
+        (ConnectFailed) when none came."""
         ...
 
     def close(self) -> None:
@@ -118,48 +151,50 @@ class PlainTransport:
 
     def send(self, method: str, url: str, headers: Mapping[str, str],
              body: bytes | None) -> Answer:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"PlainTransport sends to http:// URLs only, not {url!r}")
-        origin = (parts.hostname, parts.port or 80)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        origin, target, path = _split(url)
+
+        def exchange(conn: http.client.HTTPConnection) -> Answer:
+            response = _request(conn, method, target, headers, body)
+            content = _reading(conn, response.read)
+            if response.will_close:
+                conn.close()
+            else:
+                with self._lock:
+                    self._idle.setdefault(origin, []).append(conn)
+            return Answer(response.status, _headers(response), content, method, path)
+
+        return self._on_connection(origin, method, exchange)
+
+    @contextmanager
+    def stream(self, method: str, url: str,
+               headers: Mapping[str, str]) -> Iterator[StreamingAnswer]:
+        origin, target, path = _split(url)
+
+        def start(conn: http.client.HTTPConnection) -> tuple[http.client.HTTPConnection,
+                                                             http.client.HTTPResponse]:
+            return conn, _request(conn, method, target, headers, None)
+
+        conn, response = self._on_connection(origin, method, start)
+        try:
+            yield _PlainStream(conn, response, method, path)
+        finally:
+            # Never back to the pool: a stream may be left anywhere (an END event, Ctrl-C).
+            conn.close()
+
+    def _on_connection(self, origin: tuple[str, int], method: str,
+                       attempt: Callable[[http.client.HTTPConnection], T]) -> T:
+        """`attempt` on an idle kept-alive connection if there is one, else on a new one."""
         conn = self._take_idle(origin)
         if conn is not None and method == "GET":
             try:
-                return self._exchange(conn, origin, method, target, headers, body, parts.path)
+                return attempt(conn)
             except TransportError as exc:
                 # The server may close an idle connection just as it is reused; a GET is
                 # safe to send once more, on a new one (as urllib3 does).
                 if exc.description == "read timeout":
                     raise
                 conn = None
-        return self._exchange(conn or self._connect(origin), origin, method, target, headers,
-                              body, parts.path)
-
-    def _exchange(self, conn: http.client.HTTPConnection, origin: tuple[str, int], method: str,
-                  target: str, headers: Mapping[str, str], body: bytes | None,
-                  path: str) -> Answer:
-        try:
-            conn.request(method, target, body=body, headers=dict(headers))
-            response = conn.getresponse()
-            content = response.read()
-        except TimeoutError as exc:
-            conn.close()
-            raise TransportError("read timeout") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise TransportError("connection closed by the server") from exc
-        answer_headers: dict[str, str] = {}
-        for name, value in response.getheaders():
-            key = name.lower()
-            answer_headers[key] = f"{answer_headers[key]}, {value}" if key in answer_headers \
-                else value
-        if response.will_close:
-            conn.close()
-        else:
-            with self._lock:
-                self._idle.setdefault(origin, []).append(conn)
-        return Answer(response.status, answer_headers, content, method, path)
+        return attempt(conn or self._connect(origin))
 
     def close(self) -> None:
         with self._lock:
@@ -180,18 +215,89 @@ class PlainTransport:
             conn.close()
 
     def _connect(self, origin: tuple[str, int]) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(*origin, timeout=self._connect_timeout_s)
+        host, port = origin
+        conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout_s)
         try:
-            conn.connect()
+            # An ASCII host as bytes: getaddrinfo then skips the IDNA codec, whose import
+            # (encodings.idna, stringprep, unicodedata) would cost every `ci` command about a
+            # millisecond (issue #10). The rest is what HTTPConnection.connect does.
+            address = (host.encode() if host.isascii() else host, port)
+            sock = socket.create_connection(address,  # type: ignore[arg-type]  # bytes work
+                                            self._connect_timeout_s)
         except TimeoutError as exc:
-            conn.close()
             raise ConnectFailed("timeout") from exc
         except OSError as exc:  # refused, unreachable, unknown host (socket.gaierror)
-            conn.close()
             raise ConnectFailed("cannot connect") from exc
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout_s)  # the connect timeout was for connecting
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self._read_timeout_s)  # the connect timeout was for connecting
+        conn.sock = sock
         return conn
+
+
+class _PlainStream:
+    """An answer read from its http.client connection as it arrives (see StreamingAnswer)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                 method: str, path: str) -> None:
+        self._conn = conn
+        self._response = response
+        self._method = method
+        self._path = path
+        self.status_code = response.status
+        self.headers = _headers(response)
+
+    def read(self) -> Answer:
+        content = _reading(self._conn, self._response.read)
+        return Answer(self.status_code, self.headers, content, self._method, self._path)
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        while True:
+            # read1: what has arrived, without waiting to fill a buffer (each line matters
+            # as soon as it comes); b"" once a chunked body ends properly, IncompleteRead
+            # when the connection drops mid-stream.
+            chunk = _reading(self._conn, lambda: self._response.read1(STREAM_READ_BYTES))
+            if not chunk:
+                return
+            yield chunk
+
+
+def _split(url: str) -> tuple[tuple[str, int], str, str]:
+    """(host, port), the request target and the path of an http:// URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"PlainTransport sends to http:// URLs only, not {url!r}")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.hostname, parts.port or 80), target, parts.path
+
+
+def _request(conn: http.client.HTTPConnection, method: str, target: str,
+             headers: Mapping[str, str], body: bytes | None) -> http.client.HTTPResponse:
+    """Send the request and read the answer's head."""
+    def send_and_wait() -> http.client.HTTPResponse:
+        conn.request(method, target, body=body, headers=dict(headers))
+        return conn.getresponse()
+    return _reading(conn, send_and_wait)
+
+
+def _reading(conn: http.client.HTTPConnection, read: Callable[[], T]) -> T:
+    """`read()`, with a failure closing the connection and becoming a TransportError."""
+    try:
+        return read()
+    except TimeoutError as exc:
+        conn.close()
+        raise TransportError("read timeout") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise TransportError("connection closed by the server") from exc
+
+
+def _headers(response: http.client.HTTPResponse) -> dict[str, str]:
+    """The answer's headers, names in lower case, repeated ones joined with commas."""
+    headers: dict[str, str] = {}
+    for name, value in response.getheaders():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
 
 
 def _still_open(sock: socket.socket) -> bool:

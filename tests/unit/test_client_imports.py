@@ -3,8 +3,9 @@
 Structural, not timed: each check runs the command in a fresh interpreter and looks at
 `sys.modules`, so it fails the moment someone adds a module-level import of httpx or pydantic
 (or anything that pulls them in) on a command's way, whatever the machine's speed. The network
-is replaced at the one seam where plain requests leave (`PlainTransport.send`), which records
-what was loaded when the request went out and answers as the server would.
+is a canned server on a raw socket, which records what was loaded when each request arrived
+and answers as the server would (an event stream included, so `ci submit test` and `ci wait`
+follow a job over plain http as they do for real).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ HEAVY = ("httpx", "httpx_sse", "httpcore", "h11", "anyio", "certifi", "pydantic"
 # What `ci --help` needs even less: no network, no packing.
 NOT_FOR_HELP = ("http.client", "ssl", "zipfile", "pathspec", "ci_client.client",
                 "ci_client.transport", "ci_client.packing")
+# What `ci` never loads to talk plain http: TLS (http.client's optional import of ssl is hidden
+# from it) and the IDNA codec (an ASCII host name is resolved as bytes).
+NOT_OVER_PLAIN_HTTP = ("ssl", "_ssl", "encodings.idna", "stringprep", "unicodedata")
 # What a command that does not pack a project never loads.
 NOT_FOR_READING = ("zipfile", "pathspec", "ci_client.packing")
 
@@ -36,6 +40,10 @@ ANSWERS = {  # (method, path) → the server's JSON answer
     ("GET", f"/jobs/{JOB}"): JOB_JSON,
     ("POST", "/jobs"): {"id": JOB, "status": "queued"},
     ("POST", f"/jobs/{JOB}/cancel"): JOB_JSON,  # already finished: nothing to wait for
+    ("GET", f"/jobs/{JOB}/events"): (  # text: an event stream, the job from start to end
+        'id: 0\n\nid: 1\nevent: status\ndata: {"status": "running"}\n\n'
+        'id: 2\nevent: output\ndata: {"stream": "stdout", "text": "1 passed\\n"}\n\n'
+        'id: 3\nevent: end\ndata: {"status": "completed", "exit_code": 0, "success": true}\n\n'),
 }
 
 # A fresh interpreter that serves canned answers on a raw socket (nothing the client could
@@ -74,10 +82,12 @@ def serve(listener):
                     size = int(value)
             while len(body) < size:
                 body += conn.recv(65536)
-            answer = json.dumps(answers[method + " " + path]).encode()
-            conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n"
-                         b"Connection: close\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(answer)
-                         + answer)
+            answer = answers[method + " " + path]
+            kind = b"text/event-stream" if isinstance(answer, str) else b"application/json"
+            answer = (answer if isinstance(answer, str) else json.dumps(answer)).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: %s\\r\\n"
+                         b"Connection: close\\r\\nContent-Length: %d\\r\\n\\r\\n"
+                         % (kind, len(answer)) + answer)
 
 listener = socket.create_server(("127.0.0.1", 0))
 threading.Thread(target=serve, args=(listener,), daemon=True).start()
@@ -118,7 +128,7 @@ def test_subcommand_help_loads_no_network_nor_models(tmp_path: Path, command: li
 @pytest.mark.parametrize("command", [["list"], ["list", "--json"], ["show", JOB],
                                      ["show", JOB, "--json"], ["cancel", JOB]])
 def test_plain_commands_load_no_httpx_nor_pydantic(tmp_path: Path, command: list[str]) -> None:
-    report = run_ci(command, tmp_path, HEAVY + NOT_FOR_READING)
+    report = run_ci(command, tmp_path, HEAVY + NOT_FOR_READING + NOT_OVER_PLAIN_HTTP)
     assert report["exit"] == 0
     assert [loaded for _, _, loaded in report["sent"]] == [[]]
     assert report["at_exit"] == []
@@ -131,6 +141,24 @@ def test_submit_sends_its_upload_before_loading_httpx_or_pydantic(tmp_path: Path
     (tmp_path / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
     report = run_ci(["submit", "test", "--async"], tmp_path, HEAVY)
     assert report["sent"] == [["POST", "/jobs", []]]
+    assert (report["exit"], report["at_exit"]) == (0, [])
+
+
+def test_submit_and_wait_follow_the_job_without_httpx(tmp_path: Path) -> None:
+    # The event stream of a plain-http server goes through http.client as the requests do:
+    # the whole command, upload to the job's end, never loads httpx (issue #10: its import
+    # is a good part of a submit's CPU when several run at once).
+    for item in ("src", "tests"):
+        (tmp_path / item).mkdir()
+    (tmp_path / "requirements.txt").write_text("pytest\n")
+    (tmp_path / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    report = run_ci(["submit", "test"], tmp_path, HEAVY + NOT_OVER_PLAIN_HTTP)
+    assert [(method, path) for method, path, _ in report["sent"]] == [
+        ("POST", "/jobs"), ("GET", f"/jobs/{JOB}/events")]
+    assert (report["exit"], report["at_exit"]) == (0, [])
+    report = run_ci(["wait", JOB, "--all"], tmp_path, HEAVY + NOT_OVER_PLAIN_HTTP)
+    assert [(method, path) for method, path, _ in report["sent"]] == [
+        ("GET", f"/jobs/{JOB}"), ("GET", f"/jobs/{JOB}/events")]
     assert (report["exit"], report["at_exit"]) == (0, [])
 
 
