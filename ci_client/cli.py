@@ -43,7 +43,6 @@ else:  # imported on first use: `ci --help` needs none of them (zipfile, json, d
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 F = TypeVar("F", bound=Callable[..., Any])
-_in_own_process = False  # set by main(): this process is the `ci` command, not a host program
 
 
 @dataclass
@@ -68,8 +67,6 @@ class CLIState:
 
     def client(self, config: ClientConfig) -> CIClient:
         """A client for the configured servers; raises when no API key was found."""
-        if _in_own_process:
-            _import_http_client_without_ssl()
         from ci_client.client import CIClient
 
         return CIClient(config.server_urls, config.require_api_key(), transport=self.transport,
@@ -426,28 +423,8 @@ def _cancel_after_interrupt(client: CIClient, job_id: str) -> None:
         _status(f"Job {job_id} cancelled")
 
 
-def _import_http_client_without_ssl() -> None:
-    """Import http.client without its optional `ssl` import, for plain-http servers.
-
-    http.client imports ssl only to offer HTTPSConnection, which `ci` never uses (https goes
-    through httpx, which imports ssl itself). Loading ssl (OpenSSL's libraries, its enums) is
-    about a tenth of `ci list` (issue #10). Hiding it while http.client loads leaves that
-    module without HTTPSConnection, so this happens only in the `ci` process itself (main()),
-    where nothing else uses http.client: an https server still works, through httpx.
-    """
-    if "http.client" in sys.modules or "ssl" in sys.modules:
-        return
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # an ImportError, which it expects
-    try:
-        import http.client  # noqa: F401, PLC0415
-    finally:
-        del sys.modules["ssl"]  # whoever needs ssl later (httpx) imports it as usual
-
-
 def main() -> None:
     """Console-script entry point of `ci`."""
-    global _in_own_process
-    _in_own_process = True
     # httpx's package imports its own command line (`httpx._main`: rich, pygments, click) when
     # those happen to be installed, about 0.07 s that `ci` never uses. A None entry makes that
     # import fail, which httpx expects and answers with a stub; only in this process, which

@@ -25,9 +25,9 @@ HEAVY = ("httpx", "httpx_sse", "httpcore", "h11", "anyio", "certifi", "pydantic"
 # What `ci --help` needs even less: no network, no packing.
 NOT_FOR_HELP = ("http.client", "ssl", "zipfile", "pathspec", "ci_client.client",
                 "ci_client.transport", "ci_client.packing")
-# What `ci` never loads to talk plain http: TLS (http.client's optional import of ssl is hidden
-# from it) and the IDNA codec (an ASCII host name is resolved as bytes).
-NOT_OVER_PLAIN_HTTP = ("ssl", "_ssl", "encodings.idna", "stringprep", "unicodedata")
+# What `ci` never loads to talk plain http: the IDNA codec (an ASCII host name is resolved as
+# bytes). ssl comes with http.client, which imports it for HTTPSConnection.
+NOT_OVER_PLAIN_HTTP = ("encodings.idna", "stringprep", "unicodedata")
 # What a command that does not pack a project never loads.
 NOT_FOR_READING = ("zipfile", "pathspec", "ci_client.packing")
 
