@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
-from ci_persistence.policy import jobs_ahead
+from ci_persistence.policy import POLL_BATCH, jobs_ahead
 from ci_server.sse import EncodedEvent, EncodingCache, encode_position
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,15 @@ logger = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_EVENTS = 4096  # pending events per subscriber before it must catch up
 ERROR_BACKOFF_S = 1.0  # after a failed poll (database busy or gone), wait before the next
 STOP_TIMEOUT_S = 5.0
-# A job with more watchers than this gets its events delivered at most every CROWD_PACE_S
-# (see fan_out): writes, not encoding or reading, are what a thousand watchers cost.
+# A job with more watchers than this gets its events delivered in paced batches (see
+# crowd_pace_s and fan_out): writes, not encoding or reading, are what a thousand watchers cost.
 CROWD_WATCHERS = 100
-CROWD_PACE_S = 0.1
+CROWD_PACE_S = 0.1  # the shortest pace: up to CROWD_WRITES_PER_S / CROWD_PACE_S watchers
+# Above that the pace grows with the audience so that a job's watchers are written to about
+# this often a second between them (1,000 watchers: every 0.25 s), up to CROWD_MAX_PACE_S.
+# A person reading a log does not need ten updates a second; the replica's CPU is per write.
+CROWD_WRITES_PER_S = 4000
+CROWD_MAX_PACE_S = 0.5
 DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times this
 # The longest the thread sleeps before looking at the token by itself. The repository wakes
 # it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
@@ -54,6 +59,13 @@ QUEUE_REFRESH_S = 0.2
 # 10,000 waiting jobs takes ~0.1 s on SQLite here, and events wait behind it.
 QUEUE_READ_SHARE = 0.1
 _UNSENT = -1  # no position sent to the subscriber yet
+
+
+def crowd_pace_s(watchers: int) -> float:
+    """The least time between two deliveries to a job's `watchers` (0: deliver at once)."""
+    if watchers <= CROWD_WATCHERS:
+        return 0.0
+    return min(CROWD_MAX_PACE_S, max(CROWD_PACE_S, watchers / CROWD_WRITES_PER_S))
 
 
 class Subscription:
@@ -217,9 +229,9 @@ class EventRelay:
         """Encode each event once and append its job's events to each subscriber (event loop).
 
         A job watched by more than CROWD_WATCHERS is paced: its events reach the watchers at
-        most every CROWD_PACE_S (one timer for all of them), so a line every few ms costs each
-        watcher one write per pace, not one per line. The first events after a quiet spell go
-        out at once; fewer watchers are never delayed.
+        most every crowd_pace_s(watchers) (one timer for all of them), so a line every few ms
+        costs each watcher one write per pace, not one per line. The first events after a quiet
+        spell go out at once; fewer watchers are never delayed.
         """
         by_job: dict[str, list[JobEvent]] = {}
         for event in events:
@@ -232,9 +244,9 @@ class EventRelay:
             if held is not None:  # a flush is already scheduled: join it
                 held.extend(encoded)
                 continue
-            crowd = len(self._subscribers.get(job_id, ())) > CROWD_WATCHERS
-            wait = self._last_flush.get(job_id, 0.0) + CROWD_PACE_S - now
-            if crowd and wait > 0 and self._loop is not None:
+            pace = crowd_pace_s(len(self._subscribers.get(job_id, ())))
+            wait = self._last_flush.get(job_id, 0.0) + pace - now
+            if pace and wait > 0 and self._loop is not None:
                 self._held[job_id] = encoded
                 self._loop.call_later(wait, self._flush_held, job_id)
             else:
@@ -364,4 +376,9 @@ class EventRelay:
                 self._loop.call_soon_threadsafe(self.fan_out, events)
             except RuntimeError:  # the loop closed under us: the app is shutting down
                 self._stop.set()
+                return
+            # A short page was everything ready: asking again would read nothing (a commit
+            # since moved the token, and the next wait returns at once). With a line every
+            # 10 ms this halves the relay's queries.
+            if len(events) < POLL_BATCH:
                 return
