@@ -7,6 +7,11 @@ sleeps in `Repository.wait_for_change`; when the token moved, it pages through
 encoded events appended to its pending list and one wake-up: a watcher writes everything
 pending in one chunk, however many events a batch holds. An idle replica makes no query.
 
+Crowds: a job with more than CROWD_WATCHERS watchers is delivered in batches, at most every
+crowd_pace_s(watchers) (0.1 s, growing with the audience to 0.5 s: about CROWD_WRITES_PER_S
+writes a second per job). While every watched job is such a crowd, the thread also polls at
+most that often (a new subscriber ends the gap), instead of once per commit.
+
 Memory per subscriber is bounded: one whose pending list would exceed `queue_size` events (a
 client reading slower than its job prints) is dropped and flagged `overflowed`; it then
 catches up from the database (in pages) and subscribes again, instead of making the relay
@@ -136,6 +141,7 @@ class EventRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # a new subscriber: end a gap between polls (see _run)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._cursor: int | None = None
@@ -175,6 +181,7 @@ class EventRelay:
         if thread is None:
             return
         self._stop.set()
+        self._hurry.set()
         self._repository.interrupt_waits()
         await asyncio.to_thread(thread.join, STOP_TIMEOUT_S)
         if thread.is_alive():
@@ -199,6 +206,7 @@ class EventRelay:
         with self._subscribers_lock:
             self._subscribers.setdefault(job_id, set()).add(subscription)
             self._waiting_jobs.add(job_id)
+        self._hurry.set()  # its job may have few watchers: events are not to wait for a pace
         if not self._queue_due.is_set():  # its first position, if its job waits
             self._queue_due.set()
             self._repository.interrupt_waits()  # the thread may be asleep for a while
@@ -348,12 +356,15 @@ class EventRelay:
             try:
                 current = self._repository.wait_for_change(token, self._wait_s())
                 if current != token and not self._stop.is_set():
-                    self._drain()
+                    polled = time.monotonic()
+                    found = self._drain()
                     # Only now: after a failed poll the token must still look unseen. Read
                     # before polling, it moves again for a commit landing during the poll.
                     token = current
                     if self._waiting_jobs:
                         self._queue_due.set()
+                    if found:
+                        self._keep_pace(polled)
                 self._place_waiting_jobs()
                 if failing:
                     logger.info("event relay: repository answers again")
@@ -364,21 +375,50 @@ class EventRelay:
                 failing = True
                 self._stop.wait(ERROR_BACKOFF_S)
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Poll until everything ready is handed to the loop; whether there was anything."""
+        found = False
         while not self._stop.is_set():
             events, cursor = self._repository.poll_events(self._cursor)
             self.polls += 1
             self._cursor = cursor
             if not events:
-                return
+                return found
+            found = True
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self.fan_out, events)
             except RuntimeError:  # the loop closed under us: the app is shutting down
                 self._stop.set()
-                return
+                return found
             # A short page was everything ready: asking again would read nothing (a commit
             # since moved the token, and the next wait returns at once). With a line every
             # 10 ms this halves the relay's queries.
             if len(events) < POLL_BATCH:
-                return
+                return found
+        return found
+
+    def poll_gap_s(self) -> float:
+        """How long after a poll that found events the next may wait: the shortest pace
+        among the watched jobs, so 0 as soon as one of them has few watchers (or none is
+        watched). Events of unwatched jobs are dropped anyway, so when only crowds are
+        watched, polling faster than their pace would only read what fan_out then holds."""
+        with self._subscribers_lock:
+            if not self._subscribers:
+                return 0.0
+            gap = CROWD_MAX_PACE_S
+            for subscribers in self._subscribers.values():
+                gap = min(gap, crowd_pace_s(len(subscribers)))
+                if not gap:
+                    break
+            return gap
+
+    def _keep_pace(self, polled: float) -> None:
+        """Between two polls, wait out the watched jobs' pace (a new subscriber ends it):
+        with a thousand watchers and a line every 10 ms, four reads a second, not a hundred."""
+        gap = self.poll_gap_s() - (time.monotonic() - polled)
+        if gap > 0:
+            # A subscriber added just before this clear waits one gap more, no longer.
+            self._hurry.clear()
+            if not self._stop.is_set():
+                self._hurry.wait(gap)

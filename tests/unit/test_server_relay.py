@@ -404,6 +404,22 @@ def test_the_pace_grows_with_the_audience_within_bounds() -> None:
     assert crowd_pace_s(2000) == crowd_pace_s(1_000_000) == 0.5
 
 
+def test_the_relay_polls_at_a_crowds_pace_only_while_every_watched_job_is_a_crowd(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "CROWD_WATCHERS", 2)
+    repo = InMemoryRepository()
+    crowded, quiet = new_job(repo), new_job(repo)
+    relay = EventRelay(repo)
+    assert relay.poll_gap_s() == 0.0  # nobody watches: nothing to pace
+    crowd = [relay.add_subscriber(crowded) for _ in range(3)]
+    assert relay.poll_gap_s() == crowd_pace_s(3) > 0
+    lone = relay.add_subscriber(quiet)
+    assert relay.poll_gap_s() == 0.0  # its watcher is not to wait for the crowd's pace
+    relay.remove_subscriber(lone)
+    relay.remove_subscriber(crowd[0])
+    assert relay.poll_gap_s() == 0.0  # two watchers are no crowd
+
+
 def test_queue_positions_are_sent_when_they_change_and_reading_stops_once_started() -> None:
     from tests.leases import hold_lease
 
