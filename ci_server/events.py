@@ -80,16 +80,13 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
     """
     job_id = subscription.job_id
     cache = relay.encodings
-    last_seq = await run_in_threadpool(repository.last_event_seq, job_id)
-    after = start_after(resume, last_seq)
+    after, first_page = await run_in_threadpool(_opening, repository, job_id, resume)
     sent = after
     # Tells the client (and tests) the stream is live and where it starts; flushes proxies.
     # The id (no data: EventSource dispatches nothing) is where a reconnect must resume, so a
     # `since=now` client whose stream drops before its first event misses nothing.
     yield comment(f"{OPENING_COMMENT} {after}", after)
-    # Read from one event earlier than asked when the client is caught up: if that event is
-    # the END of a finished job, the client still learns the outcome.
-    async for page in _history(repository, job_id, min(after, max(last_seq - 1, 0))):
+    async for page in _history(repository, job_id, first_page):
         chunk = [cache.get(event) for event in page
                  if event.seq > after or event.kind is EventKind.END]
         if chunk:
@@ -151,12 +148,30 @@ def _join(events: list[EncodedEvent]) -> bytes:
     return events[0].data if len(events) == 1 else b"".join(event.data for event in events)
 
 
+def _opening(repository: Repository, job_id: str,
+             resume: ResumePoint) -> tuple[int, tuple[int, list[JobEvent]]]:
+    """Where the stream starts, and its first history page with the seq it was read after.
+
+    One threadpool hop for both reads: a thousand watchers joining at once paid more for
+    hops (thread wake-ups queueing for the GIL) than for the queries.
+    """
+    last_seq = repository.last_event_seq(job_id)
+    after = start_after(resume, last_seq)
+    # Read from one event earlier than asked when the client is caught up: if that event is
+    # the END of a finished job, the client still learns the outcome.
+    first = min(after, max(last_seq - 1, 0))
+    return after, (first, repository.list_events(job_id, first, HISTORY_PAGE_EVENTS))
+
+
 async def _history(repository: Repository, job_id: str,
-                   after_seq: int) -> AsyncIterator[list[JobEvent]]:
-    """The job's events after after_seq, in pages of HISTORY_PAGE_EVENTS (non-empty)."""
+                   start: int | tuple[int, list[JobEvent]]) -> AsyncIterator[list[JobEvent]]:
+    """The job's events after a seq, in pages of HISTORY_PAGE_EVENTS (non-empty); `start` is
+    that seq, or (that seq, its first page) when already read."""
+    after_seq, read = (start, None) if isinstance(start, int) else start
     while True:
-        page = await run_in_threadpool(repository.list_events, job_id, after_seq,
-                                       HISTORY_PAGE_EVENTS)
+        page = read if read is not None else await run_in_threadpool(
+            repository.list_events, job_id, after_seq, HISTORY_PAGE_EVENTS)
+        read = None
         if page:
             yield page
         if len(page) < HISTORY_PAGE_EVENTS:
