@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -19,7 +20,7 @@ from ci_common.models import Job, JobStatus
 from ci_common.repository import MAX_STORED_INT, Repository
 from ci_common.wire import ErrorBody, JobCreated, JobList, JobView, ServiceInfo
 from ci_server.archive import ArchiveLimits, validate_archive
-from ci_server.auth import CurrentUser
+from ci_server.auth import CurrentUser, bearer_scheme, current_user
 from ci_server.events import ResumePoint, Since, resume_point, stream_events
 from ci_server.joblog import last_lines, output_text, stored_events
 from ci_server.junit import missing_junit_reason
@@ -187,7 +188,23 @@ async def resume(
     return resume_point(since, last_event_id)
 
 
-async def job_subscription(request: Request, job: OwnedJob,
+async def watched_job(
+    request: Request,
+    job_id: str,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    repository: RepositoryDep,
+) -> Job:
+    """OwnedJob for an event stream: the same checks in the same order, in one threadpool
+    hop instead of two (a thousand watchers joining at once paid more for the hops, thread
+    wake-ups queueing for the GIL, than for the queries)."""
+    def check() -> Job:
+        return owned_job(job_id, current_user(request, credentials), repository)
+
+    return await run_in_threadpool(check)
+
+
+async def job_subscription(request: Request,
+                           job: Annotated[Job, Depends(watched_job)],
                            relay: Annotated[EventRelay, Depends(relay_dependency)],
                            ) -> AsyncIterator[Subscription]:
     """The stream's relay subscription, removed when the request ends, however it ends.
