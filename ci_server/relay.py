@@ -46,7 +46,7 @@ STOP_TIMEOUT_S = 5.0
 # A job with more watchers than this gets its events delivered in paced batches (see
 # crowd_pace_s and fan_out): writes, not encoding or reading, are what a thousand watchers cost.
 CROWD_WATCHERS = 100
-CROWD_PACE_S = 0.1  # the shortest pace: up to CROWD_WRITES_PER_S / CROWD_PACE_S watchers
+CROWD_PACE_S = 0.1  # the shortest pace, up to CROWD_WRITES_PER_S * CROWD_PACE_S watchers (400)
 # Above that the pace grows with the audience so that a job's watchers are written to about
 # this often a second between them (1,000 watchers: every 0.25 s), up to CROWD_MAX_PACE_S.
 # A person reading a log does not need ten updates a second; the replica's CPU is per write.
