@@ -202,6 +202,9 @@ class EventRelay:
             self.remove_subscriber(subscription)
 
     def add_subscriber(self, job_id: str) -> Subscription:
+        """Register a subscriber; safe from any thread (the events route registers from the
+        threadpool, beside its reads): the loop only reads `_subscribers` in single steps
+        (membership, `len`, `list(...)`), and every change is made under the lock."""
         subscription = Subscription(job_id, self._queue_size)
         with self._subscribers_lock:
             self._subscribers.setdefault(job_id, set()).add(subscription)
@@ -231,7 +234,7 @@ class EventRelay:
     def subscriber_count(self, job_id: str | None = None) -> int:
         if job_id is not None:
             return len(self._subscribers.get(job_id, ()))
-        return sum(len(s) for s in self._subscribers.values())
+        return sum(len(s) for s in list(self._subscribers.values()))  # see add_subscriber
 
     def fan_out(self, events: list[JobEvent]) -> None:
         """Encode each event once and append its job's events to each subscriber (event loop).
