@@ -351,4 +351,6 @@ class Repository(Protocol):
 
         `cursor=None` returns no events and the current cursor (start "from now"). This is the
         one query a server replica's relay runs, whatever the number of connected clients.
+        At most POLL_BATCH (ci_persistence.policy) events a call; fewer means none more are
+        ready now, so the caller need not ask again until the change token moves.
         """

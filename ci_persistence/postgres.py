@@ -126,11 +126,14 @@ WHERE controller_id IS NOT NULL AND status IN {_ACTIVE}
 GROUP BY user_id
 """
 
+# ORDER BY names the table's column: a bare `xid` would be the text output column, and
+# '1000' sorts before '999', so a page spanning a new digit in the transaction id came out of
+# order (the relay then dropped the "older" seqs as already sent; seen with paced polling).
 _POLL_SQL = f"""
 SELECT id, xid::text AS xid, {EVENT_COLUMNS},
        xid < pg_snapshot_xmin(pg_current_snapshot()) AS final
 FROM job_events WHERE (xid, id) > (%s::xid8, %s)
-ORDER BY xid, id LIMIT %s
+ORDER BY job_events.xid, job_events.id LIMIT %s
 """
 
 

@@ -25,6 +25,7 @@ from ci_common.repository import Repository
 from ci_common.settings import Settings
 from ci_persistence import open_repository
 from ci_server.errors import install_error_handlers
+from ci_server.gc_tuning import tune_for_serving
 from ci_server.logs import log_beside_uvicorn
 from ci_server.metrics import ServerMetrics
 from ci_server.openapi import install_openapi
@@ -50,10 +51,12 @@ def create_app(settings: Settings, repository: Repository) -> FastAPI:
 
 
 def build_app(settings: Settings, open_repo: Callable[[], Repository],
-              owns_repository: bool, on_start: Callable[[], None] | None = None) -> FastAPI:
+              owns_repository: bool, on_start: Callable[[], None] | None = None,
+              on_serve: Callable[[], None] | None = None) -> FastAPI:
     """An app that calls `open_repo` when its lifespan starts (and closes it if it owns it).
 
-    `on_start`, if given, runs first, when serving begins rather than at import.
+    `on_start`, if given, runs first, when serving begins rather than at import; `on_serve`
+    once the repository and the relay are up, just before the first request.
     """
     state = ServerState(settings=settings,
                         limiter=FailureLimiter(settings.auth_failures_per_minute),
@@ -68,6 +71,8 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
         try:
             await relay.start()
             state.repository, state.relay = repository, relay
+            if on_serve is not None:
+                on_serve()
             yield
         finally:
             state.repository, state.relay = None, None
@@ -85,11 +90,12 @@ def build_app(settings: Settings, open_repo: Callable[[], Repository],
 
 
 def app_from_env() -> FastAPI:
-    """The app uvicorn serves: settings from the environment, the default repository, and the
-    server's log lines beside uvicorn's."""
+    """The app uvicorn serves: settings from the environment, the default repository, the
+    server's log lines beside uvicorn's, and the collector tuned for serving (process-wide,
+    so not in create_app, which tests call in their own process)."""
     settings = Settings.from_env()
     return build_app(settings, lambda: open_or_exit(settings), owns_repository=True,
-                     on_start=log_beside_uvicorn)
+                     on_start=log_beside_uvicorn, on_serve=tune_for_serving)
 
 
 def open_or_exit(settings: Settings) -> Repository:

@@ -68,28 +68,51 @@ def start_after(resume: ResumePoint, last_seq: int) -> int:
     return 0 if resume.since is Since.START else last_seq
 
 
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """Step 2 begun: the seq the stream starts after, and its first history page, read after
+    `first` (see opening)."""
+
+    after: int
+    first: int
+    page: list[JobEvent]
+
+
+def opening(repository: Repository, job_id: str, resume: ResumePoint) -> Opening:
+    """Where the stream starts, and its first history page (blocking: call from a thread,
+    after registering the subscription)."""
+    last_seq = repository.last_event_seq(job_id)
+    after = start_after(resume, last_seq)
+    # Read from one event earlier than asked when the client is caught up: if that event is
+    # the END of a finished job, the client still learns the outcome.
+    first = min(after, max(last_seq - 1, 0))
+    return Opening(after, first, repository.list_events(job_id, first, HISTORY_PAGE_EVENTS))
+
+
 async def stream_events(repository: Repository, relay: EventRelay, subscription: Subscription,
-                        resume: ResumePoint) -> AsyncIterator[bytes]:
+                        resume: ResumePoint, opened: Opening | None = None,
+                        ) -> AsyncIterator[bytes]:
     """Yield the job's events, as SSE bytes, from the resume point until its END event.
 
     Each chunk holds every event that was pending (one write per watcher per relay batch);
     keep-alive comments come when the relay's ticker says the stream was quiet.
-    `subscription` must already be registered (step 1). The caller removes it afterwards, from
+    `subscription` must already be registered (step 1); `opened`, if given, is `opening()`
+    read after that (the route does both in one threadpool hop: a thousand watchers joining
+    at once paid more for hops, thread wake-ups queueing for the GIL, than for the queries).
+    The caller removes the subscription afterwards, from
     code that runs even when the client leaves while this generator is suspended at a yield
     (the route uses a dependency with `yield`).
     """
     job_id = subscription.job_id
     cache = relay.encodings
-    last_seq = await run_in_threadpool(repository.last_event_seq, job_id)
-    after = start_after(resume, last_seq)
-    sent = after
+    if opened is None:
+        opened = await run_in_threadpool(opening, repository, job_id, resume)
+    after = sent = opened.after
     # Tells the client (and tests) the stream is live and where it starts; flushes proxies.
     # The id (no data: EventSource dispatches nothing) is where a reconnect must resume, so a
     # `since=now` client whose stream drops before its first event misses nothing.
     yield comment(f"{OPENING_COMMENT} {after}", after)
-    # Read from one event earlier than asked when the client is caught up: if that event is
-    # the END of a finished job, the client still learns the outcome.
-    async for page in _history(repository, job_id, min(after, max(last_seq - 1, 0))):
+    async for page in _history(repository, job_id, (opened.first, opened.page)):
         chunk = [cache.get(event) for event in page
                  if event.seq > after or event.kind is EventKind.END]
         if chunk:
@@ -152,11 +175,14 @@ def _join(events: list[EncodedEvent]) -> bytes:
 
 
 async def _history(repository: Repository, job_id: str,
-                   after_seq: int) -> AsyncIterator[list[JobEvent]]:
-    """The job's events after after_seq, in pages of HISTORY_PAGE_EVENTS (non-empty)."""
+                   start: int | tuple[int, list[JobEvent]]) -> AsyncIterator[list[JobEvent]]:
+    """The job's events after a seq, in pages of HISTORY_PAGE_EVENTS (non-empty); `start` is
+    that seq, or (that seq, its first page) when already read."""
+    after_seq, read = (start, None) if isinstance(start, int) else start
     while True:
-        page = await run_in_threadpool(repository.list_events, job_id, after_seq,
-                                       HISTORY_PAGE_EVENTS)
+        page = read if read is not None else await run_in_threadpool(
+            repository.list_events, job_id, after_seq, HISTORY_PAGE_EVENTS)
+        read = None
         if page:
             yield page
         if len(page) < HISTORY_PAGE_EVENTS:

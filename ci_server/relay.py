@@ -7,6 +7,11 @@ sleeps in `Repository.wait_for_change`; when the token moved, it pages through
 encoded events appended to its pending list and one wake-up: a watcher writes everything
 pending in one chunk, however many events a batch holds. An idle replica makes no query.
 
+Crowds: a job with more than CROWD_WATCHERS watchers is delivered in batches, at most every
+crowd_pace_s(watchers) (0.1 s, growing with the audience to 0.5 s: about CROWD_WRITES_PER_S
+writes a second per job). While every watched job is such a crowd, the thread also polls at
+most that often (a new subscriber ends the gap), instead of once per commit.
+
 Memory per subscriber is bounded: one whose pending list would exceed `queue_size` events (a
 client reading slower than its job prints) is dropped and flagged `overflowed`; it then
 catches up from the database (in pages) and subscribes again, instead of making the relay
@@ -30,7 +35,7 @@ from contextlib import contextmanager
 
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
-from ci_persistence.policy import jobs_ahead
+from ci_persistence.policy import POLL_BATCH, jobs_ahead
 from ci_server.sse import EncodedEvent, EncodingCache, encode_position
 
 logger = logging.getLogger(__name__)
@@ -38,10 +43,15 @@ logger = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_EVENTS = 4096  # pending events per subscriber before it must catch up
 ERROR_BACKOFF_S = 1.0  # after a failed poll (database busy or gone), wait before the next
 STOP_TIMEOUT_S = 5.0
-# A job with more watchers than this gets its events delivered at most every CROWD_PACE_S
-# (see fan_out): writes, not encoding or reading, are what a thousand watchers cost.
+# A job with more watchers than this gets its events delivered in paced batches (see
+# crowd_pace_s and fan_out): writes, not encoding or reading, are what a thousand watchers cost.
 CROWD_WATCHERS = 100
-CROWD_PACE_S = 0.1
+CROWD_PACE_S = 0.1  # the shortest pace, up to CROWD_WRITES_PER_S * CROWD_PACE_S watchers (400)
+# Above that the pace grows with the audience so that a job's watchers are written to about
+# this often a second between them (1,000 watchers: every 0.25 s), up to CROWD_MAX_PACE_S.
+# A person reading a log does not need ten updates a second; the replica's CPU is per write.
+CROWD_WRITES_PER_S = 4000
+CROWD_MAX_PACE_S = 0.5
 DEFAULT_KEEPALIVE_S = 15.0  # quiet streams get a comment within 1 to 1.5 times this
 # The longest the thread sleeps before looking at the token by itself. The repository wakes
 # it on every change and on stop() (interrupt_waits), so this only bounds the cost of a lost
@@ -54,6 +64,13 @@ QUEUE_REFRESH_S = 0.2
 # 10,000 waiting jobs takes ~0.1 s on SQLite here, and events wait behind it.
 QUEUE_READ_SHARE = 0.1
 _UNSENT = -1  # no position sent to the subscriber yet
+
+
+def crowd_pace_s(watchers: int) -> float:
+    """The least time between two deliveries to a job's `watchers` (0: deliver at once)."""
+    if watchers <= CROWD_WATCHERS:
+        return 0.0
+    return min(CROWD_MAX_PACE_S, max(CROWD_PACE_S, watchers / CROWD_WRITES_PER_S))
 
 
 class Subscription:
@@ -124,6 +141,7 @@ class EventRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # a new subscriber: end a gap between polls (see _run)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._cursor: int | None = None
@@ -163,6 +181,7 @@ class EventRelay:
         if thread is None:
             return
         self._stop.set()
+        self._hurry.set()
         self._repository.interrupt_waits()
         await asyncio.to_thread(thread.join, STOP_TIMEOUT_S)
         if thread.is_alive():
@@ -183,10 +202,14 @@ class EventRelay:
             self.remove_subscriber(subscription)
 
     def add_subscriber(self, job_id: str) -> Subscription:
+        """Register a subscriber; safe from any thread (the events route registers from the
+        threadpool, beside its reads): the loop only reads `_subscribers` in single steps
+        (membership, `len`, `list(...)`), and every change is made under the lock."""
         subscription = Subscription(job_id, self._queue_size)
         with self._subscribers_lock:
             self._subscribers.setdefault(job_id, set()).add(subscription)
             self._waiting_jobs.add(job_id)
+        self._hurry.set()  # its job may have few watchers: events are not to wait for a pace
         if not self._queue_due.is_set():  # its first position, if its job waits
             self._queue_due.set()
             self._repository.interrupt_waits()  # the thread may be asleep for a while
@@ -211,15 +234,15 @@ class EventRelay:
     def subscriber_count(self, job_id: str | None = None) -> int:
         if job_id is not None:
             return len(self._subscribers.get(job_id, ()))
-        return sum(len(s) for s in self._subscribers.values())
+        return sum(len(s) for s in list(self._subscribers.values()))  # see add_subscriber
 
     def fan_out(self, events: list[JobEvent]) -> None:
         """Encode each event once and append its job's events to each subscriber (event loop).
 
         A job watched by more than CROWD_WATCHERS is paced: its events reach the watchers at
-        most every CROWD_PACE_S (one timer for all of them), so a line every few ms costs each
-        watcher one write per pace, not one per line. The first events after a quiet spell go
-        out at once; fewer watchers are never delayed.
+        most every crowd_pace_s(watchers) (one timer for all of them), so a line every few ms
+        costs each watcher one write per pace, not one per line. The first events after a quiet
+        spell go out at once; fewer watchers are never delayed.
         """
         by_job: dict[str, list[JobEvent]] = {}
         for event in events:
@@ -232,9 +255,9 @@ class EventRelay:
             if held is not None:  # a flush is already scheduled: join it
                 held.extend(encoded)
                 continue
-            crowd = len(self._subscribers.get(job_id, ())) > CROWD_WATCHERS
-            wait = self._last_flush.get(job_id, 0.0) + CROWD_PACE_S - now
-            if crowd and wait > 0 and self._loop is not None:
+            pace = crowd_pace_s(len(self._subscribers.get(job_id, ())))
+            wait = self._last_flush.get(job_id, 0.0) + pace - now
+            if pace and wait > 0 and self._loop is not None:
                 self._held[job_id] = encoded
                 self._loop.call_later(wait, self._flush_held, job_id)
             else:
@@ -336,12 +359,15 @@ class EventRelay:
             try:
                 current = self._repository.wait_for_change(token, self._wait_s())
                 if current != token and not self._stop.is_set():
-                    self._drain()
+                    polled = time.monotonic()
+                    found = self._drain()
                     # Only now: after a failed poll the token must still look unseen. Read
                     # before polling, it moves again for a commit landing during the poll.
                     token = current
                     if self._waiting_jobs:
                         self._queue_due.set()
+                    if found:
+                        self._keep_pace(polled)
                 self._place_waiting_jobs()
                 if failing:
                     logger.info("event relay: repository answers again")
@@ -352,16 +378,50 @@ class EventRelay:
                 failing = True
                 self._stop.wait(ERROR_BACKOFF_S)
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Poll until everything ready is handed to the loop; whether there was anything."""
+        found = False
         while not self._stop.is_set():
             events, cursor = self._repository.poll_events(self._cursor)
             self.polls += 1
             self._cursor = cursor
             if not events:
-                return
+                return found
+            found = True
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self.fan_out, events)
             except RuntimeError:  # the loop closed under us: the app is shutting down
                 self._stop.set()
-                return
+                return found
+            # A short page was everything ready: asking again would read nothing (a commit
+            # since moved the token, and the next wait returns at once). With a line every
+            # 10 ms this halves the relay's queries.
+            if len(events) < POLL_BATCH:
+                return found
+        return found
+
+    def poll_gap_s(self) -> float:
+        """How long after a poll that found events the next may wait: the shortest pace
+        among the watched jobs, so 0 as soon as one of them has few watchers (or none is
+        watched). Events of unwatched jobs are dropped anyway, so when only crowds are
+        watched, polling faster than their pace would only read what fan_out then holds."""
+        with self._subscribers_lock:
+            if not self._subscribers:
+                return 0.0
+            gap = CROWD_MAX_PACE_S
+            for subscribers in self._subscribers.values():
+                gap = min(gap, crowd_pace_s(len(subscribers)))
+                if not gap:
+                    break
+            return gap
+
+    def _keep_pace(self, polled: float) -> None:
+        """Between two polls, wait out the watched jobs' pace (a new subscriber ends it):
+        with a thousand watchers and a line every 10 ms, four reads a second, not a hundred."""
+        gap = self.poll_gap_s() - (time.monotonic() - polled)
+        if gap > 0:
+            # A subscriber added just before this clear waits one gap more, no longer.
+            self._hurry.clear()
+            if not self._stop.is_set():
+                self._hurry.wait(gap)

@@ -7,10 +7,12 @@ by FastAPI, async ones hand their calls over with run_in_threadpool.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -19,8 +21,8 @@ from ci_common.models import Job, JobStatus
 from ci_common.repository import MAX_STORED_INT, Repository
 from ci_common.wire import ErrorBody, JobCreated, JobList, JobView, ServiceInfo
 from ci_server.archive import ArchiveLimits, validate_archive
-from ci_server.auth import CurrentUser
-from ci_server.events import ResumePoint, Since, resume_point, stream_events
+from ci_server.auth import CurrentUser, bearer_scheme, current_user
+from ci_server.events import Opening, ResumePoint, Since, opening, resume_point, stream_events
 from ci_server.joblog import last_lines, output_text, stored_events
 from ci_server.junit import missing_junit_reason
 from ci_server.relay import EventRelay, Subscription
@@ -184,21 +186,70 @@ async def resume(
     last_event_id: Annotated[str | None, Header(
         description="resume after this event id (wins over `since`)")] = None,
 ) -> ResumePoint:
+    """The parameters as FastAPI documents and validates them (422 for a bad `since`); the
+    stream itself reads them in job_subscription, after the ownership check."""
     return resume_point(since, last_event_id)
 
 
-async def job_subscription(request: Request, job: OwnedJob,
-                           relay: Annotated[EventRelay, Depends(relay_dependency)],
-                           ) -> AsyncIterator[Subscription]:
+def asked_resume(request: Request) -> ResumePoint | None:
+    """`resume` from the raw request, or None for a `since` that is no Since (the route's
+    `resume` dependency then answers 422); InvalidInput (400) for a bad Last-Event-ID."""
+    try:
+        since = Since(request.query_params.get("since", Since.START))
+    except ValueError:
+        return None
+    return resume_point(since, request.headers.get("last-event-id"))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """A registered subscription, where its stream starts, and its first history page."""
+
+    subscription: Subscription
+    start: ResumePoint
+    opened: Opening
+
+
+async def job_subscription(
+    request: Request,
+    job_id: str,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    repository: RepositoryDep,
+    relay: Annotated[EventRelay, Depends(relay_dependency)],
+) -> AsyncIterator[OpenStream | None]:
     """The stream's relay subscription, removed when the request ends, however it ends.
 
+    Everything blocking runs in one threadpool hop, in the order the sync dependencies would
+    (a thousand watchers joining at once paid more for hops, thread wake-ups queueing for the
+    GIL, than for the queries): authentication, ownership (another user's job is a 404
+    whatever else is wrong with the request), the resume point (400; a bad `since` yields
+    None and the route's `resume` answers 422), registering with the relay (step 1 of
+    ci_server.events), then the stream's start and first history page.
     A dependency, not a `finally` in the generator: when a client disconnects while the
     generator is suspended at a `yield`, FastAPI cancels the producer without closing the
     generator, and its `finally` would wait for the garbage collector.
     """
-    watchers = get_state(request).metrics.sse_watchers
-    with watchers.track_inprogress(), relay.subscribe(job.id) as subscription:
-        yield subscription
+    def open_stream() -> OpenStream | None:
+        job = owned_job(job_id, current_user(request, credentials), repository)
+        start = asked_resume(request)
+        if start is None:
+            return None
+        subscription = relay.add_subscriber(job.id)
+        try:
+            return OpenStream(subscription, start, opening(repository, job.id, start))
+        except BaseException:
+            relay.remove_subscriber(subscription)
+            raise
+
+    stream = await run_in_threadpool(open_stream)
+    if stream is None:
+        yield None
+        return
+    try:
+        with get_state(request).metrics.sse_watchers.track_inprogress():
+            yield stream
+    finally:
+        relay.remove_subscriber(stream.subscription)
 
 
 @router.get(
@@ -215,14 +266,15 @@ async def job_subscription(request: Request, job: OwnedJob,
 async def job_events(
     request: Request,
     # Ownership first: another user's job is a 404 whatever else is wrong with the request.
-    subscription: Annotated[Subscription, Depends(job_subscription)],
-    start: Annotated[ResumePoint, Depends(resume)],
+    stream: Annotated[OpenStream | None, Depends(job_subscription)],
+    start: Annotated[ResumePoint, Depends(resume)],  # documents and validates; see above
     repository: RepositoryDep,
     relay: Annotated[EventRelay, Depends(relay_dependency)],
 ) -> StreamingResponse:
+    assert stream is not None  # else `resume` answered 422 before the route ran
     # Bytes encoded once per event for every watcher (ci_server.sse), several events per
     # write; FastAPI's per-item SSE encoding would cost each watcher a task hop per event.
     return StreamingResponse(
-        stream_events(repository, relay, subscription, start),
+        stream_events(repository, relay, stream.subscription, stream.start, stream.opened),
         media_type=SSE_MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

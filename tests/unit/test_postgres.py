@@ -147,6 +147,29 @@ def test_a_transaction_with_an_older_id_committing_first_is_not_skipped_either(
     assert [event.job_id for event in first] in ([], [job_b])
 
 
+def test_a_page_spanning_a_new_digit_in_the_transaction_id_stays_in_order(
+        repo: PostgresRepository, postgres_url: str) -> None:
+    # Transaction ids sorted as text put '1000' before '999': burn ids up to just below the
+    # next power of ten, then write one event per transaction across it and read one page.
+    (job,) = running_jobs(repo, 1)
+    fence = hold_lease(repo, "ctl")
+    _, cursor = repo.poll_events(None)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert row is not None
+        boundary = 10 ** len(row[0])
+        conn.execute(f"DO $$ BEGIN FOR i IN 1..{boundary - int(row[0]) - 4} LOOP "
+                     "PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$")
+        written = [repo.append_output(job, [out(f"{n}\n")], n + 1, fence=fence)[0].seq
+                   for n in range(8)]
+        xids = [int(x) for (x,) in conn.execute(
+            "SELECT xid::text FROM job_events WHERE job_id = %s AND seq = ANY(%s)",
+            (job, written)).fetchall()]
+    assert min(xids) < boundary <= max(xids)  # the page does span the new digit
+    events, _ = repo.poll_events(cursor)
+    assert [e.seq for e in events if e.job_id == job] == written
+
+
 def test_a_rollback_does_not_hold_events_back(repo: PostgresRepository,
                                               postgres_url: str) -> None:
     slow_job, fast_job = running_jobs(repo, 2)

@@ -22,7 +22,7 @@ from ci_common.models import (
 from ci_persistence.memory import InMemoryRepository
 from ci_server import relay as relay_module
 from ci_server.events import ResumePoint, Since, stream_events
-from ci_server.relay import EventRelay, Subscription
+from ci_server.relay import EventRelay, Subscription, crowd_pace_s
 from tests.leases import owner_fence
 
 pytestmark = pytest.mark.timeout(30)
@@ -178,9 +178,9 @@ def test_one_reader_thread_whatever_the_number_of_clients() -> None:
             emit(repo, job_id, *[f"{i}\n" for i in range(20)])
             finish(repo, job_id)
             results = await within(asyncio.gather(*tasks))
-            # Each change costs the relay at most two polls (one with events, one empty),
-            # not one per client.
-            assert repo.polls - before <= 2 * 21 + 2
+            # Each change costs the relay one poll (a short page is everything ready), not
+            # one per client nor an extra empty one.
+            assert repo.polls - before <= 21 + 2
             return results
         finally:
             await relay.stop()
@@ -394,6 +394,30 @@ def test_a_crowded_job_is_paced_in_order_and_a_quiet_one_is_not(
     batches, single = run(main)
     assert batches == [[10], [11, 12]]
     assert single == [[10], [11]]
+
+
+def test_the_pace_grows_with_the_audience_within_bounds() -> None:
+    """Few watchers are never delayed; a crowd gets fewer writes the larger it is, capped."""
+    assert crowd_pace_s(1) == crowd_pace_s(100) == 0.0
+    assert crowd_pace_s(101) == crowd_pace_s(400) == 0.1
+    assert crowd_pace_s(1000) == pytest.approx(0.25)
+    assert crowd_pace_s(2000) == crowd_pace_s(1_000_000) == 0.5
+
+
+def test_the_relay_polls_at_a_crowds_pace_only_while_every_watched_job_is_a_crowd(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "CROWD_WATCHERS", 2)
+    repo = InMemoryRepository()
+    crowded, quiet = new_job(repo), new_job(repo)
+    relay = EventRelay(repo)
+    assert relay.poll_gap_s() == 0.0  # nobody watches: nothing to pace
+    crowd = [relay.add_subscriber(crowded) for _ in range(3)]
+    assert relay.poll_gap_s() == crowd_pace_s(3) > 0
+    lone = relay.add_subscriber(quiet)
+    assert relay.poll_gap_s() == 0.0  # its watcher is not to wait for the crowd's pace
+    relay.remove_subscriber(lone)
+    relay.remove_subscriber(crowd[0])
+    assert relay.poll_gap_s() == 0.0  # two watchers are no crowd
 
 
 def test_queue_positions_are_sent_when_they_change_and_reading_stops_once_started() -> None:
