@@ -13,8 +13,9 @@
    Docker); `--history N` first gives the bench user N finished jobs.
 4. `idle`: CPU of an idle replica and an idle controller on SQLite and PostgreSQL, empty and
    with 10,000 finished jobs, and `ci list` time (targets < 0.5 % of a core; bench/idle.py).
-5. `watchers`: 1,000 SSE watchers of one job on one replica, every line once and in order,
-   replica CPU (target ≤ 25 %) and line latency under that load (bench/watchers.py).
+5. `watchers`: 1,000 SSE watchers of one job on one replica, on SQLite and on PostgreSQL:
+   every line once and in order, replica CPU (target ≤ 25 %) and line latency under that load
+   (bench/watchers.py).
 6. `several-hosts` (also `--several-hosts [--jobs 120]`): only the load on several Docker
    hosts, on PostgreSQL and SQLite (3 engines with a controller each, 3 replicas, 4 users;
    bench/several_hosts.py).
@@ -286,9 +287,13 @@ def idle_section(args: argparse.Namespace) -> list[Figure]:
 
 
 def watchers_section(args: argparse.Namespace) -> list[Figure]:
-    for row in watchers.run(1000, 1000, "sqlite"):
-        print(row)
-    return []
+    found = []
+    for backend in ("sqlite", "postgres"):
+        result = watchers.run(1000, 1000, backend)
+        for row in result.rows:
+            print(row)
+        found += watchers.figures(result)
+    return found
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {

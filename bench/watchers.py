@@ -24,15 +24,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.idle import cpu_seconds  # noqa: E402
+from bench.summary import Figure  # noqa: E402
 from tests.e2e.harness import Deployment, submit_async, write_project  # noqa: E402
 from tests.e2e.sse_watchers import Watcher, problems, reference_events, watch  # noqa: E402
 
+TARGET_PERCENT = 25
 TIMED_WATCHERS = 20  # of each half: arrival times kept for line latency
 
 LINES_TEST = (
@@ -74,8 +77,18 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def run(count: int, lines: int, backend: str) -> list[str]:
-    """The whole measurement; returns the report lines."""
+@dataclass(frozen=True)
+class WatchersResult:
+    """What one run measured: its report lines and its headline figures."""
+
+    backend: str
+    rows: list[str]
+    cpu_percent: float  # of one core, over the job
+    all_in_order: bool  # every watcher got every event once, in order
+
+
+def run(count: int, lines: int, backend: str) -> WatchersResult:
+    """The whole measurement."""
     from bench.backends import database
 
     image = os.environ.get("CI_RUNNER_IMAGE") or subprocess.run(
@@ -109,14 +122,22 @@ def run(count: int, lines: int, backend: str) -> list[str]:
             f"  every watcher got every event once, in order: "
             f"{'yes' if not found else f'NO, {len(found)} did not'}",
             f"  replica CPU over the job: {cpu:.1f} % of a core, {cpu * seconds / 100:.1f} CPU-s "
-            "(target ≤ 25 %)"]
+            f"(target ≤ {TARGET_PERCENT} %)"]
     if latencies:
         rows.append(f"  line latency print → {2 * TIMED_WATCHERS} of the watchers "
                     f"({len(latencies)} deliveries): "
                     f"p50 {percentile(latencies, 0.5):.1f} ms, p95 "
                     f"{percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms")
     rows += [f"  {problem}" for problem in found[:10]]
-    return rows
+    return WatchersResult(backend, rows, cpu, not found)
+
+
+def figures(result: WatchersResult) -> list[Figure]:
+    return [Figure(f"1,000 watchers, replica CPU, {result.backend}",
+                   f"{result.cpu_percent:.1f} % of a core",
+                   f"≤ {TARGET_PERCENT} %", result.cpu_percent <= TARGET_PERCENT),
+            Figure(f"1,000 watchers, every line once and in order, {result.backend}",
+                   "yes" if result.all_in_order else "no", "yes", result.all_in_order)]
 
 
 def main() -> None:
@@ -126,7 +147,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on `timeout` too
-    for row in run(args.watchers, args.lines, args.backend):
+    for row in run(args.watchers, args.lines, args.backend).rows:
         print(row)
 
 
