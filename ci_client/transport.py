@@ -179,6 +179,8 @@ class PlainTransport:
             yield _PlainStream(conn, response, method, path)
         finally:
             # Never back to the pool: a stream may be left anywhere (an END event, Ctrl-C).
+            # The response first: with `Connection: close` it holds the socket, not conn.
+            response.close()
             conn.close()
 
     def _on_connection(self, origin: tuple[str, int], method: str,

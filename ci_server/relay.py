@@ -419,9 +419,9 @@ class EventRelay:
     def _keep_pace(self, polled: float) -> None:
         """Between two polls, wait out the watched jobs' pace (a new subscriber ends it):
         with a thousand watchers and a line every 10 ms, four reads a second, not a hundred."""
+        # Cleared before the gap is reckoned: a subscriber added before the clear counts in
+        # the gap (a small job's makes it zero), one added after it ends the wait.
+        self._hurry.clear()
         gap = self.poll_gap_s() - (time.monotonic() - polled)
-        if gap > 0:
-            # A subscriber added just before this clear waits one gap more, no longer.
-            self._hurry.clear()
-            if not self._stop.is_set():
-                self._hurry.wait(gap)
+        if gap > 0 and not self._stop.is_set():
+            self._hurry.wait(gap)
