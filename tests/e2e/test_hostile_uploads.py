@@ -123,7 +123,10 @@ class RawResponse:
     body: bytes
 
     def detail(self) -> str:
-        return str(json.loads(self.body)["detail"])
+        """The JSON detail of the application's answers; the text of the HTTP layer's."""
+        if self.headers.get("content-type", "").startswith("application/json"):
+            return str(json.loads(self.body)["detail"])
+        return self.body.decode("utf-8", "replace")
 
 
 def multipart_body(archive: bytes, field: str = "archive") -> bytes:
@@ -325,16 +328,23 @@ def test_over_the_limit_with_a_chunked_body_and_no_length(env: Env) -> None:
     env.assert_untouched(before)
 
 
-# (framing headers, body, expected status, phrase in the detail)
-LYING_FRAMING: dict[str, tuple[bytes, int, str]] = {
+# framing headers → the answers that refuse it: (status, phrase in the detail). Where two are
+# listed, the first is the application's and the second uvicorn's HTTP parser's: with httptools
+# (llhttp, a dependency) the parser refuses some framings before the application sees them,
+# with h11 (uvicorn's fallback where httptools is missing) the application does.
+PARSER_REFUSAL = (400, "Invalid HTTP request received.")
+LYING_FRAMING: dict[str, tuple[bytes, tuple[tuple[int, str], ...]]] = {
     # Declares far more than the limit: refused before a byte of the body is read.
-    "length-says-huge": (b"Content-Length: 100000000\r\n", 413, "over the 2.0 MB limit"),
-    # Declares a little, sends 3 MB: the server reads what was declared, a cut-off form.
-    "length-says-small": (b"Content-Length: 1000\r\n", 400, "missing file field 'archive'"),
-    # Chunked, 3 MB, with a Content-Length that understates it (chunked wins, RFC 9112).
-    "chunked-with-lying-length": (b"Content-Length: 1000\r\nTransfer-Encoding: chunked\r\n", 413,
-                                  "over the 2.0 MB limit"),
-    "chunked-no-length": (b"Transfer-Encoding: chunked\r\n", 413, "over the 2.0 MB limit"),
+    "length-says-huge": (b"Content-Length: 100000000\r\n", ((413, "over the 2.0 MB limit"),)),
+    # Declares a little, sends 3 MB: the server reads what was declared, a cut-off form; the
+    # rest of the bytes are no request either.
+    "length-says-small": (b"Content-Length: 1000\r\n",
+                          ((400, "missing file field 'archive'"), PARSER_REFUSAL)),
+    # Chunked, 3 MB, with a Content-Length that understates it: h11 lets chunked win (RFC 9112
+    # 6.1); llhttp refuses both headers together, as the RFC also allows (request smuggling).
+    "chunked-with-lying-length": (b"Content-Length: 1000\r\nTransfer-Encoding: chunked\r\n",
+                                  ((413, "over the 2.0 MB limit"), PARSER_REFUSAL)),
+    "chunked-no-length": (b"Transfer-Encoding: chunked\r\n", ((413, "over the 2.0 MB limit"),)),
 }
 
 
@@ -346,16 +356,17 @@ def chunked(data: bytes, size: int = 64 * 1024) -> bytes:
 
 @pytest.mark.parametrize("case", list(LYING_FRAMING))
 def test_over_the_limit_whatever_the_framing_claims(env: Env, case: str) -> None:
-    framing, status, phrase = LYING_FRAMING[case]
+    framing, refusals = LYING_FRAMING[case]
     before = env.job_count()
     body = multipart_body(make_zip([*PROJECT, ("src/blob.bin", os.urandom(3 * 1024**2))],
                                    zipfile.ZIP_STORED))
     if b"chunked" in framing:
         body = chunked(body)
     response = raw_post(env.server, env.user.api_key, framing, body)
-    assert response.status == status, response.body
     detail = response.detail()
-    assert phrase in detail and "\n" not in detail, detail
+    assert any(response.status == status and phrase in detail for status, phrase in refusals), \
+        (response.status, response.body[:200])
+    assert "\n" not in detail, detail
     env.assert_untouched(before)
 
 
@@ -414,10 +425,11 @@ def test_an_upload_is_never_spooled_to_disk(env: Env) -> None:
 def test_after_every_hostile_upload_a_normal_job_still_passes(env: Env) -> None:
     for archive, status, _phrase in REFUSED.values():
         assert env.post(archive).status_code == status
-    for framing, status, _phrase in LYING_FRAMING.values():
+    for framing, refusals in LYING_FRAMING.values():
         body = multipart_body(os.urandom(3 * 1024**2))
         assert raw_post(env.server, env.user.api_key, framing,
-                        chunked(body) if b"chunked" in framing else body).status == status
+                        chunked(body) if b"chunked" in framing else body).status in {
+            status for status, _phrase in refusals}
     assert env.server.popen.poll() is None
     response = env.post(GOOD)
     assert response.status_code == 201, response.text
