@@ -20,7 +20,7 @@ from ci_common.errors import InvalidInput
 from ci_common.models import EventKind, JobEvent
 from ci_common.repository import MAX_STORED_INT, Repository
 from ci_server.relay import EventRelay, Subscription
-from ci_server.sse import EncodedEvent, comment
+from ci_server.sse import EncodedBatch, EncodedEvent, comment
 
 HISTORY_PAGE_EVENTS = 1000
 KEEPALIVE_COMMENT = "keep-alive"
@@ -135,6 +135,14 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
         if not batch:
             if not subscription.overflowed:
                 yield comment(KEEPALIVE_COMMENT)
+            continue
+        if isinstance(batch, EncodedBatch) and batch.whole is not None \
+                and batch.first_seq > sent:
+            # The common case: exactly what _after would keep, already joined by the relay.
+            yield batch.whole
+            sent = batch.last_seq
+            if batch[-1].is_end:
+                return
             continue
         fresh = _after(batch, sent)
         if fresh:

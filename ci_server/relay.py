@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
 from ci_persistence.policy import POLL_BATCH, jobs_ahead
-from ci_server.sse import EncodedEvent, EncodingCache, encode_position
+from ci_server.sse import EncodedBatch, EncodedEvent, EncodingCache, encode_position
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class Subscription:
         self.position: int | None = _UNSENT  # the last queue position offered
         self.may_wait = True  # its job may still be waiting (cleared once seen otherwise)
         self._pending: deque[EncodedEvent] = deque()
+        # The relay's batch when it is everything pending (then taken as is, see take_nowait).
+        self._whole: EncodedBatch | None = None
         self._ready = asyncio.Event()
         self._quiet_ticks = 0  # relay ticks (half keep-alive periods) since the last offer
 
@@ -90,6 +92,7 @@ class Subscription:
         """Append a batch (event loop); False, appending nothing, when it would not fit."""
         if len(self._pending) + len(events) > self.maxsize:
             return False
+        self._whole = events if not self._pending and isinstance(events, EncodedBatch) else None
         self._pending.extend(events)
         self._quiet_ticks = 0
         self._ready.set()
@@ -110,8 +113,11 @@ class Subscription:
         return len(self._pending)
 
     def take_nowait(self) -> list[EncodedEvent]:
-        """Everything pending, oldest first (possibly nothing)."""
-        taken = list(self._pending)
+        """Everything pending, oldest first (possibly nothing); when that is one relay batch,
+        the batch itself, shared with the job's other watchers: not to be changed."""
+        whole, self._whole = self._whole, None
+        taken = whole if whole is not None and len(whole) == len(self._pending) \
+            else list(self._pending)
         self._pending.clear()
         self._ready.clear()
         return taken
@@ -270,6 +276,7 @@ class EventRelay:
 
     def _deliver(self, job_id: str, encoded: list[EncodedEvent], now: float) -> None:
         self._last_flush[job_id] = now
+        encoded = EncodedBatch(encoded)  # joined once for all the job's watchers
         if len(self._last_flush) > 2 * len(self._subscribers) + 100:  # forget quiet jobs
             self._last_flush = {j: t for j, t in self._last_flush.items()
                                 if j in self._subscribers}
