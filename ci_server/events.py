@@ -11,7 +11,7 @@ one committed in between is in both and sent once. The stream ends after the END
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -91,7 +91,7 @@ def opening(repository: Repository, job_id: str, resume: ResumePoint) -> Opening
 
 async def stream_events(repository: Repository, relay: EventRelay, subscription: Subscription,
                         resume: ResumePoint, opened: Opening | None = None,
-                        ) -> AsyncIterator[bytes]:
+                        ) -> AsyncGenerator[bytes, None]:
     """Yield the job's events, as SSE bytes, from the resume point until its END event.
 
     Each chunk holds every event that was pending (one write per watcher per relay batch);

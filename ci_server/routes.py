@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +27,7 @@ from ci_server.joblog import last_lines, output_text, stored_events
 from ci_server.junit import missing_junit_reason
 from ci_server.relay import EventRelay, Subscription
 from ci_server.state import get_settings, get_state, relay_dependency, repository_dependency
+from ci_server.stream_response import EventStreamResponse
 from ci_server.upload import read_submission
 
 MAX_PAGE = 500
@@ -255,7 +256,7 @@ async def job_subscription(
 @router.get(
     "/jobs/{job_id}/events",
     # Not EventSourceResponse: FastAPI would then encode every item itself (see below).
-    response_class=StreamingResponse,
+    response_class=EventStreamResponse,
     tags=["jobs"],
     summary="Stream a job's events (status, output, end) as Server-Sent Events",
     description="Every event has `id: <seq>`; the stream closes after the `end` event, which a "
@@ -270,11 +271,11 @@ async def job_events(
     start: Annotated[ResumePoint, Depends(resume)],  # documents and validates; see above
     repository: RepositoryDep,
     relay: Annotated[EventRelay, Depends(relay_dependency)],
-) -> StreamingResponse:
+) -> EventStreamResponse:
     assert stream is not None  # else `resume` answered 422 before the route ran
     # Bytes encoded once per event for every watcher (ci_server.sse), several events per
     # write; FastAPI's per-item SSE encoding would cost each watcher a task hop per event.
-    return StreamingResponse(
+    return EventStreamResponse(
         stream_events(repository, relay, stream.subscription, stream.start, stream.opened),
         media_type=SSE_MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
