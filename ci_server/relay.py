@@ -85,7 +85,11 @@ class Subscription:
         self._pending: deque[EncodedEvent] = deque()
         # The relay's batch when it is everything pending (then taken as is, see take_nowait).
         self._whole: EncodedBatch | None = None
-        self._ready = asyncio.Event()
+        # A wake-up flag and the one future a waiting take() sleeps on: what asyncio.Event does,
+        # without its waiter list and loop checks (a thousand watchers wake a few times a
+        # second each, and Event.set/wait showed in the profile).
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self._quiet_ticks = 0  # relay ticks (half keep-alive periods) since the last offer
 
     def offer(self, events: list[EncodedEvent]) -> bool:
@@ -95,8 +99,14 @@ class Subscription:
         self._whole = events if not self._pending and isinstance(events, EncodedBatch) else None
         self._pending.extend(events)
         self._quiet_ticks = 0
-        self._ready.set()
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def tick(self) -> None:
         """Half a keep-alive period passed (the relay's ticker): after two with nothing
@@ -104,7 +114,7 @@ class Subscription:
         self._quiet_ticks += 1
         if self._quiet_ticks >= 2:
             self._quiet_ticks = 0
-            self._ready.set()
+            self._wake()
 
     def empty(self) -> bool:
         return not self._pending
@@ -119,15 +129,19 @@ class Subscription:
         taken = whole if whole is not None and len(whole) == len(self._pending) \
             else list(self._pending)
         self._pending.clear()
-        self._ready.clear()
+        self._woken = False
         return taken
 
     async def take(self) -> list[EncodedEvent]:
         """Everything pending, waiting for something; [] when a keep-alive is due (or the
         relay dropped this subscriber). No timer per wait: with a thousand watchers and a line
         every few ms, one timer per line per watcher cost more than the writes."""
-        if not self._pending:
-            await self._ready.wait()
+        if not self._pending and not self._woken:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         return self.take_nowait()
 
 
