@@ -12,7 +12,7 @@ request's task where it waits (for the relay, mostly), so the route's cleanup ru
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -24,8 +24,10 @@ class EventStreamResponse(Response):
     # status_code is a parameter (always 200 here) because FastAPI's OpenAPI generation reads
     # a response class's default status from its __init__ signature.
     def __init__(self, chunks: AsyncGenerator[bytes, None], media_type: str,
-                 headers: Mapping[str, str] | None = None, status_code: int = 200) -> None:
+                 headers: Mapping[str, str] | None = None, status_code: int = 200,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.chunks = chunks
+        self.on_close = on_close  # called once the stream is over, however it ended
         self.status_code = status_code
         self.media_type = media_type
         self.background = None
@@ -58,4 +60,8 @@ class EventStreamResponse(Response):
             streaming.uncancel()  # ours: the client left; not a cancellation of the request
         finally:
             listener.cancel()
-            await self.chunks.aclose()
+            try:
+                await self.chunks.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
