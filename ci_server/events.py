@@ -11,7 +11,7 @@ one committed in between is in both and sent once. The stream ends after the END
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +20,7 @@ from ci_common.errors import InvalidInput
 from ci_common.models import EventKind, JobEvent
 from ci_common.repository import MAX_STORED_INT, Repository
 from ci_server.relay import EventRelay, Subscription
-from ci_server.sse import EncodedEvent, comment
+from ci_server.sse import EncodedBatch, EncodedEvent, comment
 
 HISTORY_PAGE_EVENTS = 1000
 KEEPALIVE_COMMENT = "keep-alive"
@@ -91,7 +91,7 @@ def opening(repository: Repository, job_id: str, resume: ResumePoint) -> Opening
 
 async def stream_events(repository: Repository, relay: EventRelay, subscription: Subscription,
                         resume: ResumePoint, opened: Opening | None = None,
-                        ) -> AsyncIterator[bytes]:
+                        ) -> AsyncGenerator[bytes, None]:
     """Yield the job's events, as SSE bytes, from the resume point until its END event.
 
     Each chunk holds every event that was pending (one write per watcher per relay batch);
@@ -135,6 +135,14 @@ async def stream_events(repository: Repository, relay: EventRelay, subscription:
         if not batch:
             if not subscription.overflowed:
                 yield comment(KEEPALIVE_COMMENT)
+            continue
+        if isinstance(batch, EncodedBatch) and batch.whole is not None \
+                and batch.first_seq > sent:
+            # The common case: exactly what _after would keep, already joined by the relay.
+            yield batch.whole
+            sent = batch.last_seq
+            if batch[-1].is_end:
+                return
             continue
         fresh = _after(batch, sent)
         if fresh:

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from ci_common.models import JobEvent
 from ci_common.repository import Repository
 from ci_persistence.policy import POLL_BATCH, jobs_ahead
-from ci_server.sse import EncodedEvent, EncodingCache, encode_position
+from ci_server.sse import EncodedBatch, EncodedEvent, EncodingCache, encode_position
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +83,30 @@ class Subscription:
         self.position: int | None = _UNSENT  # the last queue position offered
         self.may_wait = True  # its job may still be waiting (cleared once seen otherwise)
         self._pending: deque[EncodedEvent] = deque()
-        self._ready = asyncio.Event()
+        # The relay's batch when it is everything pending (then taken as is, see take_nowait).
+        self._whole: EncodedBatch | None = None
+        # A wake-up flag and the one future a waiting take() sleeps on: what asyncio.Event does,
+        # without its waiter list and loop checks (a thousand watchers wake a few times a
+        # second each, and Event.set/wait showed in the profile).
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self._quiet_ticks = 0  # relay ticks (half keep-alive periods) since the last offer
 
     def offer(self, events: list[EncodedEvent]) -> bool:
         """Append a batch (event loop); False, appending nothing, when it would not fit."""
         if len(self._pending) + len(events) > self.maxsize:
             return False
+        self._whole = events if not self._pending and isinstance(events, EncodedBatch) else None
         self._pending.extend(events)
         self._quiet_ticks = 0
-        self._ready.set()
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def tick(self) -> None:
         """Half a keep-alive period passed (the relay's ticker): after two with nothing
@@ -101,7 +114,7 @@ class Subscription:
         self._quiet_ticks += 1
         if self._quiet_ticks >= 2:
             self._quiet_ticks = 0
-            self._ready.set()
+            self._wake()
 
     def empty(self) -> bool:
         return not self._pending
@@ -110,18 +123,25 @@ class Subscription:
         return len(self._pending)
 
     def take_nowait(self) -> list[EncodedEvent]:
-        """Everything pending, oldest first (possibly nothing)."""
-        taken = list(self._pending)
+        """Everything pending, oldest first (possibly nothing); when that is one relay batch,
+        the batch itself, shared with the job's other watchers: not to be changed."""
+        whole, self._whole = self._whole, None
+        taken = whole if whole is not None and len(whole) == len(self._pending) \
+            else list(self._pending)
         self._pending.clear()
-        self._ready.clear()
+        self._woken = False
         return taken
 
     async def take(self) -> list[EncodedEvent]:
         """Everything pending, waiting for something; [] when a keep-alive is due (or the
         relay dropped this subscriber). No timer per wait: with a thousand watchers and a line
         every few ms, one timer per line per watcher cost more than the writes."""
-        if not self._pending:
-            await self._ready.wait()
+        if not self._pending and not self._woken:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         return self.take_nowait()
 
 
@@ -270,6 +290,7 @@ class EventRelay:
 
     def _deliver(self, job_id: str, encoded: list[EncodedEvent], now: float) -> None:
         self._last_flush[job_id] = now
+        encoded = EncodedBatch(encoded)  # joined once for all the job's watchers
         if len(self._last_flush) > 2 * len(self._subscribers) + 100:  # forget quiet jobs
             self._last_flush = {j: t for j, t in self._last_flush.items()
                                 if j in self._subscribers}

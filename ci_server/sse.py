@@ -40,6 +40,35 @@ class EncodedEvent:
     data: bytes
 
 
+class EncodedBatch(list[EncodedEvent]):
+    """Stored events the relay hands to every watcher of a job at once, with their bytes
+    joined once for all of them (read-only once built).
+
+    `whole` is set when the batch can go out as one piece to a watcher that has sent nothing
+    past its first seq: seqs strictly increasing, no queue position, END (if any) last. A
+    thousand watchers then each write the same bytes instead of each filtering and joining
+    the same events.
+    """
+
+    whole: bytes | None
+    first_seq: int
+    last_seq: int
+
+    def __init__(self, events: list[EncodedEvent]) -> None:
+        super().__init__(events)
+        self.whole = None
+        self.first_seq = self.last_seq = 0
+        previous = None
+        for index, event in enumerate(events):
+            if event.seq is None or (previous is not None and event.seq <= previous) \
+                    or (event.is_end and index != len(events) - 1):
+                return
+            previous = event.seq
+        if events:
+            self.first_seq, self.last_seq = events[0].seq or 0, events[-1].seq or 0
+            self.whole = b"".join(event.data for event in events)
+
+
 def encode(event: JobEvent) -> EncodedEvent:
     """A stored event as it goes on the wire (see ci_common.wire)."""
     payload: StatusData | OutputData | EndData

@@ -10,9 +10,13 @@ watcher with the job's stored events).
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import Deployment, numbered_lines_test, submit_async, write_project
 from tests.e2e.sse_watchers import Watcher, problems, reference_events, watch
@@ -56,3 +60,36 @@ def test_200_watchers_each_get_every_event_once_in_order(deployment: Deployment,
     # The late half really joined while the job printed: each missed the beginning.
     starts = [w.events()[0][0] for w in watchers[WATCHERS // 2:]]
     assert min(starts) > 3
+
+
+def _watchers_gauge(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return next(sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "ci_sse_watchers")
+
+
+def test_a_watcher_that_hangs_up_is_let_go_at_once(deployment: Deployment,
+                                                   tmp_path: Path) -> None:
+    """The stream is parked waiting for the relay (no controller: the job stays queued, and
+    the keep-alive is 15 s away); closing the socket must still end it and its subscription
+    now, not at the next write, which uvicorn would drop silently anyway."""
+    dep = deployment
+    server = dep.start_server()
+    assert server.url is not None
+    key = dep.create_user().api_key
+    project = write_project(tmp_path / "p", {"test_p.py": "def test_p():\n    pass\n"})
+    job_id = submit_async(dep, server, project, key)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        received = b""
+        while b"streaming events after" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert _watchers_gauge(server.url) == 1
+    deadline = time.monotonic() + 5
+    while _watchers_gauge(server.url) != 0:
+        assert time.monotonic() < deadline, "the hung-up watcher is still subscribed"
+        time.sleep(0.05)
