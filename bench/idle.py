@@ -45,6 +45,7 @@ from tests.e2e.harness import Deployment, Process  # noqa: E402
 CI = Path(sys.executable).with_name("ci")
 SETTLE_S = 3.0
 IDLE_TARGET_PERCENT = 0.5
+LIST_RUNS = 15  # `ci list` is ~0.1 s: one stray 50 ms stall must not move the median
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SEED_CONTROLLER = "bench-seeder"
 PASSED = JobOutcome(status=JobStatus.COMPLETED, exit_code=0, success=True, reason=None)
@@ -98,7 +99,7 @@ def list_times(server: Process, key: str) -> tuple[float, float]:
             http.get("/jobs", params={"limit": 50}).raise_for_status()
             api.append((time.perf_counter() - started) * 1000)
     cli = []
-    for _ in range(5):
+    for _ in range(LIST_RUNS):
         started = time.perf_counter()
         subprocess.run([str(CI), "list", "--server", server.url, "--api-key", key],
                        capture_output=True, check=True, timeout=60)
