@@ -6,7 +6,7 @@ by FastAPI, async ones hand their calls over with run_in_threadpool.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -32,7 +32,6 @@ from ci_server.state import (
     get_repository,
     get_settings,
     get_state,
-    relay_dependency,
     repository_dependency,
 )
 from ci_server.stream_response import EventStreamResponse
@@ -196,7 +195,7 @@ async def resume(
         description="resume after this event id (wins over `since`)")] = None,
 ) -> ResumePoint:
     """The parameters as FastAPI documents and validates them (422 for a bad `since`); the
-    stream itself reads them in job_subscription, after the ownership check."""
+    stream itself reads them with asked_resume, after the ownership check."""
     return resume_point(since, last_event_id)
 
 
@@ -226,7 +225,7 @@ async def open_job_stream(request: Request, job_id: str,
     order the sync dependencies would run (a thousand watchers joining at once paid more for
     hops, thread wake-ups queueing for the GIL, than for the queries): authentication,
     ownership (another user's job is a 404 whatever else is wrong with the request), the
-    resume point (400; a bad `since` yields None and the route's `resume` answers 422),
+    resume point (400; a bad `since` yields None, which EventsRoute never passes on),
     registering with the relay (step 1 of ci_server.events), then the stream's start and
     first history page. The caller removes the subscription when the stream ends."""
     def open_stream() -> OpenStream | None:
@@ -244,36 +243,11 @@ async def open_job_stream(request: Request, job_id: str,
     return await run_in_threadpool(open_stream)
 
 
-async def job_subscription(
-    request: Request,
-    job_id: str,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-    repository: RepositoryDep,
-    relay: Annotated[EventRelay, Depends(relay_dependency)],
-) -> AsyncIterator[OpenStream | None]:
-    """The stream's relay subscription (see open_job_stream), removed when the request ends,
-    however it ends.
-
-    A dependency, not a `finally` in the generator: when a client disconnects while the
-    generator is suspended at a `yield`, FastAPI cancels the producer without closing the
-    generator, and its `finally` would wait for the garbage collector.
-    """
-    stream = await open_job_stream(request, job_id, credentials, repository, relay)
-    if stream is None:
-        yield None
-        return
-    try:
-        with get_state(request).metrics.sse_watchers.track_inprogress():
-            yield stream
-    finally:
-        relay.remove_subscriber(stream.subscription)
-
-
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def event_stream_response(repository: Repository, relay: EventRelay, stream: OpenStream,
-                          on_close: Callable[[], None] | None = None) -> EventStreamResponse:
+                          on_close: Callable[[], None]) -> EventStreamResponse:
     # Bytes encoded once per event for every watcher (ci_server.sse), several events per
     # write; FastAPI's per-item SSE encoding would cost each watcher a task hop per event.
     return EventStreamResponse(
@@ -282,17 +256,14 @@ def event_stream_response(repository: Repository, relay: EventRelay, stream: Ope
 
 
 async def job_events(
-    request: Request,
     # Ownership first: another user's job is a 404 whatever else is wrong with the request.
-    stream: Annotated[OpenStream | None, Depends(job_subscription)],
+    job: OwnedJob,
     start: Annotated[ResumePoint, Depends(resume)],  # documents and validates; see above
-    repository: RepositoryDep,
-    relay: Annotated[EventRelay, Depends(relay_dependency)],
 ) -> EventStreamResponse:
-    """The route as FastAPI documents it, and how it answers a `since` that is no Since (see
-    EventsRoute for every other request)."""
-    assert stream is not None  # else `resume` answered 422 before the route ran
-    return event_stream_response(repository, relay, stream)
+    """The route as FastAPI documents and validates it. EventsRoute streams every request
+    whose `since` is valid (or absent) itself, so FastAPI runs this route only for one that
+    is not, and answers it before the body: 401 or 404 from OwnedJob, else `resume`'s 422."""
+    raise AssertionError("EventsRoute streams every request with a valid `since`")
 
 
 SINCE_VALUES = frozenset(Since)
@@ -301,8 +272,8 @@ SINCE_VALUES = frozenset(Since)
 class EventsRoute(APIRoute):
     """The events route, answering a request whose `since` is valid (or absent) without
     FastAPI's dependency solving: with a thousand watchers joining, solving the route's
-    dependencies (a generator dependency, its exit stack, parameter validation) was about a
-    sixth of the replica's CPU. The same steps in the same order (bearer credentials,
+    dependencies (their exit stack, parameter validation) was about a sixth of the replica's
+    CPU. The same steps in the same order (bearer credentials,
     repository, relay, then open_job_stream), so the same errors with the same answers; a bad
     `since` goes the documented way (job_events), whose 422 FastAPI writes."""
 

@@ -49,11 +49,7 @@ def get_relay(request: Request) -> EventRelay:
     return relay
 
 
-# The same as dependencies, as coroutines: FastAPI runs a plain function dependency in the
-# threadpool, a hop that cost a thousand watchers joining at once more than their queries.
+# The same as a dependency, as a coroutine: FastAPI runs a plain function dependency in the
+# threadpool, a hop that costs more than what it returns.
 async def repository_dependency(request: Request) -> Repository:
     return get_repository(request)
-
-
-async def relay_dependency(request: Request) -> EventRelay:
-    return get_relay(request)
